@@ -1,0 +1,30 @@
+# `make demo` and `make test` each bootstrap a fresh machine: FFmpeg from Debian's packages when absent, then a
+# .venv with torch==2.13.0 installed first (without the pin pip would pull the multi-GB CUDA build), then
+# the project and its dependencies.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test ffmpeg clean
+
+demo: $(STAMP) ffmpeg
+	$(BIN)/reelmend demo
+
+test: $(STAMP) ffmpeg
+	$(BIN)/python -m pytest tests
+
+ffmpeg:
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf .demo

@@ -1,0 +1,190 @@
+"""The `reelmend` command line. Exit status: 0 every video succeeded, 3 some failed (the rest done),
+2 bad usage or configuration, 1 a crash of the tool itself."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Restore video archives at scale with GAN models on Ray.")
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _fail(err: BaseException, code: int, verbose: bool) -> None:
+    if verbose:
+        console.print(traceback.format_exc(), markup=False)
+    message = " ".join(str(err).split()) or type(err).__name__
+    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "job spec"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _guarded(fn, verbose: bool):
+    """Map failures to exit codes: config and input problems are 2, anything unexpected is 1."""
+    from models.weights import WeightsError
+
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except ValidationError as err:
+        _fail(ValueError(_validation_message(err)), EXIT_USAGE, verbose)
+    except (WeightsError, FileNotFoundError, ValueError) as err:
+        _fail(err, EXIT_USAGE, verbose)
+    except KeyboardInterrupt:
+        console.print("interrupted; `reelmend resume DEST` continues where this stopped")
+        raise typer.Exit(130)
+    except Exception as err:  # noqa: BLE001
+        _fail(err, EXIT_CRASH, verbose)
+
+
+def _report(result) -> None:
+    for v in result.videos:
+        mark = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(v.status, "[yellow]pending[/]")
+        line = f"{mark}  {v.rel_path}"
+        line += f" -> {v.output_uri}" if v.status == "done" else f": {v.reason}" if v.reason else ""
+        out.print(line, soft_wrap=True)
+    done = sum(v.status == "done" for v in result.videos)
+    fps = result.frames_in / result.seconds if result.seconds else 0.0
+    out.print(f"{done}/{len(result.videos)} video(s) restored in {result.seconds:.1f} s "
+              f"({result.frames_in} source frames this run, {fps:.1f} frames/s); manifest: {result.manifest_uri}",
+              soft_wrap=True)
+
+
+@app.command()
+def restore(
+    src: Annotated[str, typer.Argument(help="Folder or bucket of videos (local path, file://, s3://, ...).")],
+    dest: Annotated[str, typer.Argument(help="Where restored videos and the job manifest go.")],
+    chain: Annotated[str, typer.Option(help="Stages in order, e.g. denoise,sr2x:gan.")] = "identity",
+    models: Annotated[Optional[str], typer.Option(help="Weights folder from `reelmend train --out`.")] = None,
+    job_id: Annotated[Optional[str], typer.Option(help="Job id (default: derived from the options).")] = None,
+    chunk_frames: Annotated[Optional[int], typer.Option(help="Frames per chunk (default: about 2 s).")] = None,
+    lossless: Annotated[bool, typer.Option(help="Encode FFV1 in RGB, bit-exact to the chain (evaluation).")] = False,
+    crf: Annotated[int, typer.Option(help="Constant rate factor of the lossy encoder.")] = 18,
+    codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    max_attempts: Annotated[int, typer.Option(help="Tries per chunk before its video fails.")] = 3,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Restore every video under SRC into DEST; re-running the same command resumes."""
+    from jobs.restore import run_job
+    from pipeline.config import EncodeSpec, JobSpec
+
+    def go():
+        spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
+                       max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless))
+        return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
+
+    result = _guarded(go, verbose)
+    _report(result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def resume(
+    dest: Annotated[str, typer.Argument(help="The DEST of an earlier `restore`.")],
+    job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Finish a stopped or partly failed job: redo only unfinished chunks, then stitch."""
+    from jobs.restore import run_job
+    from jobs.status import pick_job
+    from pipeline.manifest import Manifest
+
+    def go():
+        spec = Manifest(dest.rstrip("/"), pick_job(dest.rstrip("/"), job_id)).read_spec()
+        return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
+
+    result = _guarded(go, verbose)
+    _report(result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def status(
+    dest: Annotated[str, typer.Argument(help="The DEST of a job.")],
+    job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Per-video state of a job: done, failed (with the reason) or pending."""
+    from jobs.status import job_status
+
+    info = _guarded(lambda: job_status(dest.rstrip("/"), job_id), verbose)
+    if as_json:
+        out.print_json(json.dumps(info))
+    else:
+        table = Table(title=f"job {info['job_id']} ({info['chain']})")
+        for col in ("video", "status", "chunks done/failed/pending", "frames out", "reason"):
+            table.add_column(col)
+        for v in info["videos"]:
+            c = v["chunks"]
+            table.add_row(v["path"], v["status"], f"{c['done']}/{c['failed']}/{c['pending'] + c['running']}",
+                          str(v["frames_out"] or ""), v["reason"])
+        out.print(table)
+        out.print(f"manifest: {info['manifest']}", soft_wrap=True)
+    raise typer.Exit(EXIT_OK if all(v["status"] == "done" for v in info["videos"]) else EXIT_PARTIAL)
+
+
+@app.command("models")
+def list_models() -> None:
+    """The shipped models and their cards."""
+    from models.chain import STAGES
+    from models.weights import SHIPPED, read_card
+
+    table = Table(title=f"shipped weights ({SHIPPED})")
+    for col in ("stage", "flavour", "architecture", "parameters", "trained with"):
+        table.add_column(col)
+    for stage, info in STAGES.items():
+        if info.arch is None:
+            table.add_row(stage, "-", "no model", "0", "-")
+            continue
+        for flavour in ("fidelity", "gan"):
+            card = read_card(str(SHIPPED), stage, flavour)
+            if card:
+                table.add_row(stage, flavour, card["arch"], f"{card['parameters']:,}", card.get("command", ""))
+            else:
+                table.add_row(stage, flavour, info.arch.__name__, "-", "[yellow]not shipped yet[/]")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[str, typer.Option(help="Where the sample archive and outputs go.")] = ".demo",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Make a small degraded sample archive from real footage and restore it on a local Ray instance."""
+    from jobs.demo import run_demo
+
+    code = _guarded(lambda: run_demo(workdir, log=lambda m: console.print(m, markup=False)), verbose)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

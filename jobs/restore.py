@@ -1,0 +1,220 @@
+"""`reelmend restore` (and `resume`): plan once, run the chunks that are not done, stitch finished videos.
+
+Running the same job again (same spec, hence same job id) or `resume` reads the manifest and redoes only
+what is not done: chunks whose latest event is not `done` and that have failed fewer than --max-attempts
+times, then the stitch of every video whose chunks are all done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from models.chain import chain_geometry, check_weights, parse_chain
+from pipeline import storage
+from pipeline.config import JobSpec
+from pipeline.manifest import EventWriter, Manifest
+from pipeline.plan import failed_video_row, plan_video, video_id
+from pipeline.probe import VideoInfo
+from pipeline.run import connect, probe_all, restore_dataset, stitch_all
+
+# Chunks per Ray Data pass: bounds the driver's and Ray Data's bookkeeping for archives of any size.
+WAVE = 2000
+
+
+@dataclass
+class VideoResult:
+    video_id: str
+    rel_path: str
+    output_uri: str
+    status: str  # done | failed | pending
+    reason: str = ""
+    frames_out: int = 0
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    manifest_uri: str
+    videos: list[VideoResult] = field(default_factory=list)
+    chunks_run: int = 0
+    frames_in: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(v.status == "done" for v in self.videos) else 3
+
+
+def _shaping(spec: JobSpec) -> dict:
+    return spec.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
+
+
+def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, log: Callable[[str], None]) -> None:
+    """List SRC, probe every file on the cluster, write job.json and the plan before any chunk runs."""
+    files = storage.list_files(spec.src)
+    if not files:
+        raise FileNotFoundError(f"no files under {spec.src}")
+    log(f"probing {len(files)} file(s) under {spec.src}")
+    _, _, context = chain_geometry(parse_chain(spec.chain))
+    rows, failed = [], []
+    for (uri, rel), (_, info) in zip(files, probe_all([u for u, _ in files])):
+        if isinstance(info, VideoInfo):
+            try:
+                rows += plan_video(spec, job_id, uri, rel, info, context)
+                continue
+            except ValueError as err:  # e.g. a key that would escape DEST
+                info = str(err)
+        rows.append(failed_video_row(job_id, uri, rel, info, spec.dest))
+        failed.append({"video_id": video_id(rel), "chunk_index": -1, "status": "failed", "attempt": 1,
+                       "error_kind": "probe", "error_message": info})
+    manifest.write_spec(spec)
+    manifest.write_plan(rows)
+    manifest.append_events(failed)
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], None] = print) -> JobResult:
+    started = time.monotonic()
+    check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
+    job_id = spec.resolved_job_id()
+    manifest = Manifest(spec.dest, job_id)
+    connect(address)
+    if manifest.has_plan():
+        stored = manifest.read_spec()
+        if _shaping(stored) != _shaping(spec):
+            raise ValueError(f"job {job_id} under {spec.dest} was planned with other options; "
+                             "use another --job-id or the same options")
+        log(f"resuming job {job_id}")
+    else:
+        make_plan(spec, job_id, manifest, log)
+    plan = manifest.read_plan().to_pylist()
+    result = JobResult(job_id, manifest.root)
+    _, temporal, _ = chain_geometry(parse_chain(spec.chain))
+    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, temporal, log)
+    _stitch_ready(spec, manifest, plan, temporal, log)
+    result.videos = summarize(manifest, plan, spec.max_attempts)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[dict]:
+    states = manifest.chunk_states()
+    exhausted = {vid for (vid, _), s in states.items() if s.status == "failed" and s.failures >= max_attempts}
+    todo = []
+    for row in plan:
+        key = (row["video_id"], row["chunk_index"])
+        if row["chunk_index"] < 0 or row["video_id"] in exhausted:
+            continue
+        if (states.get((row["video_id"], -1)) or _NONE).status == "done":
+            continue  # already stitched
+        state = states.get(key)
+        if state is None or state.status != "done":
+            todo.append({**row, "attempt": (state.failures if state else 0) + 1})
+    return todo
+
+
+def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,
+                log: Callable[[str], None]) -> tuple[int, int]:
+    chunks = frames = 0
+    while todo := _runnable(plan, manifest, spec.max_attempts):
+        wave = todo[:WAVE]
+        log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
+        manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
+                                "attempt": t["attempt"], "started_at": time.time()} for t in wave)
+        tasks = [{k: t[k] for k in TASK_KEYS} for t in wave]
+        writer = EventWriter(manifest)
+        for row in restore_dataset(tasks, spec, temporal, manifest.segments_root).iter_rows():
+            ok = not row["error_kind"]
+            writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
+                        "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
+                        "error_kind": row["error_kind"] or None, "error_message": row["error_message"] or None,
+                        "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
+                        "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
+                        "worker": row["worker"]})
+            chunks += 1
+            frames += int(row["frames_in"]) if ok else 0
+            if not ok:
+                log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
+                    f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
+        writer.flush()
+    return chunks, frames
+
+
+TASK_KEYS = ("video_id", "source_uri", "chunk_index", "frame_start", "frame_end", "decode_start", "decode_end",
+             "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json", "attempt")
+
+
+def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,
+                  log: Callable[[str], None]) -> None:
+    for _ in range(spec.max_attempts):
+        states = manifest.chunk_states()
+        videos: dict[str, list[dict]] = {}
+        for row in plan:
+            if row["chunk_index"] >= 0:
+                videos.setdefault(row["video_id"], []).append(row)
+        jobs = {}
+        for vid, rows in videos.items():
+            video_state = states.get((vid, -1))
+            if video_state and (video_state.status == "done" or video_state.failures >= spec.max_attempts):
+                continue
+            chunk_states = [states.get((vid, r["chunk_index"])) for r in rows]
+            if not all(s and s.status == "done" for s in chunk_states):
+                continue
+            first = rows[0]
+            jobs[vid] = {"source_uri": first["source_uri"], "output_uri": first["output_uri"],
+                         "out_format": first["out_format"], "probe_json": first["probe_json"],
+                         "segments": [s.segment_uri for s in sorted_by_chunk(rows, chunk_states)],
+                         "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root}
+        if not jobs:
+            return
+        log(f"stitching {len(jobs)} video(s)")
+        failures = {vid: (states.get((vid, -1)) or _NONE).failures for vid in jobs}
+        events = []
+        for vid, outcome in stitch_all(jobs):
+            ok = isinstance(outcome, int)
+            events.append({"video_id": vid, "chunk_index": -1, "status": "done" if ok else "failed",
+                           "attempt": failures[vid] + 1, "error_kind": None if ok else "stitch",
+                           "error_message": None if ok else outcome, "frames_out": outcome if ok else None,
+                           "segment_uri": jobs[vid]["output_uri"] if ok else None, "finished_at": time.time()})
+            if ok:  # the segments are no longer needed once the output is published
+                for uri in jobs[vid]["segments"]:
+                    storage.remove(uri)
+            else:
+                log(f"stitching {jobs[vid]['output_uri']} failed: {outcome}")
+        manifest.append_events(events)
+
+
+def sorted_by_chunk(rows: list[dict], states: list) -> list:
+    return [s for _, s in sorted(zip((r["chunk_index"] for r in rows), states), key=lambda p: p[0])]
+
+
+class _None:
+    status = ""
+    failures = 0
+
+
+_NONE = _None()
+
+
+def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[VideoResult]:
+    """Per video: done (stitched), failed (with the reason) or pending, from the plan and the events."""
+    states = manifest.chunk_states()
+    out: dict[str, VideoResult] = {}
+    for row in plan:
+        vid = row["video_id"]
+        v = out.setdefault(vid, VideoResult(vid, row["rel_path"], row["output_uri"], "pending"))
+        if row["chunk_index"] < 0:
+            v.status, v.reason = "failed", row["error"] or "cannot be restored"
+            continue
+        s = states.get((vid, row["chunk_index"]))
+        if s and s.status == "failed" and s.failures >= max_attempts and v.status != "failed":
+            v.status, v.reason = "failed", f"chunk {row['chunk_index']}: {s.error_kind}: {s.error_message}"
+    for v in out.values():
+        s = states.get((v.video_id, -1))
+        if v.status != "failed" and s:
+            if s.status == "done":
+                v.status, v.frames_out = "done", s.frames_out
+            elif s.status == "failed" and s.failures >= max_attempts:
+                v.status, v.reason = "failed", f"stitch: {s.error_message}"
+    return list(out.values())

@@ -1,0 +1,74 @@
+"""RestorerNet: compact residual CNN for denoise / deblock / descratch.
+
+One architecture, trained with different weights per degradation.
+
+Tensor contract
+    input  x: (B, in_frames, 3, H, W) float in [0, 1]; any H, W (odd sizes included).
+              The centre frame is x[:, in_frames // 2]; in_frames must be odd.
+    output  : (B, 3, H, W) float, not clamped = centre frame + predicted residual.
+
+Design
+    * Residual learning on the (centre) frame, as in DnCNN (Zhang et al., "Beyond a
+      Gaussian Denoiser", TIP 2017): the net predicts a correction, not the image.
+    * Neighbouring frames are fused early by concatenating them on channels, as in
+      FastDVDnet (Tassano et al., CVPR 2020), so temporal context costs one wider conv.
+    * The body runs at half resolution behind a reversible pixel-unshuffle, as in
+      FFDNet (Zhang et al., TIP 2018): it doubles the receptive field for free and
+      quarters the cost per conv, with a full-resolution skip to keep fine detail.
+    * No normalisation layers (EDSR, Lim et al. 2017): batch stats hurt restoration
+      and make small-batch / DDP training brittle.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RestorerNet(nn.Module):
+    def __init__(self, in_frames: int = 1, features: int = 32, blocks: int = 6):
+        super().__init__()
+        if not isinstance(in_frames, int) or in_frames < 1 or in_frames % 2 == 0:
+            raise ValueError(f"in_frames must be a positive odd int (centre frame = in_frames // 2), got {in_frames!r}")
+        if not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive int, got {features!r}")
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks must be a positive int, got {blocks!r}")
+        self.in_frames = in_frames
+        body_ch = 2 * features
+
+        self.head = nn.Conv2d(3 * in_frames, features, 3, 1, 1)
+        # pixel-unshuffle (FFDNet) -> 1x1 mix: 4F channels at H/2 squeezed to 2F.
+        self.down = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * features, body_ch, 1))
+        body = []
+        for _ in range(blocks):
+            body += [nn.Conv2d(body_ch, body_ch, 3, 1, 1), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*body)
+        self.up = nn.Sequential(nn.Conv2d(body_ch, 4 * features, 1), nn.PixelShuffle(2))
+        self.tail = nn.Conv2d(features, features, 3, 1, 1)
+        self.conv_last = nn.Conv2d(features, 3, 3, 1, 1)
+        self.act = nn.LeakyReLU(0.2)
+
+        # Zero-init the last conv: the residual is exactly 0, so a freshly initialised
+        # net is exactly the identity on the centre frame (residual learning starts
+        # from "do no harm"; DnCNN / ESRGAN-style small-init of the output layer).
+        nn.init.zeros_(self.conv_last.weight)
+        nn.init.zeros_(self.conv_last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.in_frames or x.shape[2] != 3:
+            raise ValueError(f"expected (B, {self.in_frames}, 3, H, W), got {tuple(x.shape)}")
+        b, n, c, h, w = x.shape
+        centre = x[:, n // 2]
+        feat = x.reshape(b, n * c, h, w)
+        # Pixel-unshuffle needs even sizes: replicate-pad (works even for 1-pixel
+        # inputs, unlike reflect) and crop back at the end.
+        pad_h, pad_w = h % 2, w % 2
+        if pad_h or pad_w:
+            feat = F.pad(feat, (0, pad_w, 0, pad_h), mode="replicate")
+
+        f0 = self.act(self.head(feat))
+        f = self.down(f0)
+        f = f + self.body(f)          # long skip over the half-resolution body
+        f = self.up(f) + f0           # full-resolution skip keeps fine detail
+        res = self.conv_last(self.act(self.tail(f)))
+        return centre + res[..., :h, :w]

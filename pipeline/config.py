@@ -1,0 +1,99 @@
+"""The job spec: one frozen pydantic tree, validated at the edge (CLI or job.json), then passed down.
+
+Everything a restoration job depends on lives here, so that the job id (a hash of the spec's inputs and
+options) changes exactly when the output would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models.chain import parse_chain
+
+VERSION = "0.1.0"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EncodeSpec(Frozen):
+    """How restored chunks are encoded. `lossless` means FFV1 in RGB: the output frames are exactly the frames
+    the chain produced (for evaluation), so it overrides codec and CRF."""
+
+    codec: Literal["h264", "h265", "av1"] = "h264"
+    crf: int = Field(18, ge=0, le=63)
+    preset: str = Field("medium", pattern=r"^[a-z0-9]+$")
+    lossless: bool = False
+
+    @model_validator(mode="after")
+    def _crf_in_codec_range(self) -> EncodeSpec:
+        if self.codec in ("h264", "h265") and self.crf > 51:
+            raise ValueError(f"--crf {self.crf} is out of range for {self.codec} (0-51)")
+        return self
+
+
+class ResourceSpec(Frozen):
+    """Ray resources per stage. `restore_gpus` = None means: one GPU per actor when the cluster has GPUs."""
+
+    decode_cpus: float = Field(1.0, gt=0)
+    encode_cpus: float = Field(1.0, gt=0)
+    restore_cpus: float = Field(1.0, gt=0)
+    restore_gpus: float | None = Field(None, ge=0)
+    restore_actors_min: int = Field(1, ge=1)
+    restore_actors_max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ResourceSpec:
+        if self.restore_actors_max < self.restore_actors_min:
+            raise ValueError("restore_actors_max must be >= restore_actors_min")
+        return self
+
+
+class JobSpec(Frozen):
+    src: str = Field(min_length=1)
+    dest: str = Field(min_length=1)
+    chain: tuple[str, ...] = ("identity",)
+    models: str | None = None  # a folder `reelmend train --out` wrote; None = the shipped weights
+    chunk_frames: int | None = Field(None, ge=2, le=100_000)  # None: about 2 s of frames per chunk
+    max_attempts: int = Field(3, ge=1, le=100)
+    encode: EncodeSpec = EncodeSpec()
+    resources: ResourceSpec = ResourceSpec()
+    job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: str = VERSION
+
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _parse_chain(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(step.strip() for step in value)  # type: ignore[union-attr]
+
+    @field_validator("chain")
+    @classmethod
+    def _known_stages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        parse_chain(value)  # raises ValueError naming the unknown stage
+        return value
+
+    @field_validator("src", "dest")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _dest_not_inside_src(self) -> JobSpec:
+        if self.dest == self.src or self.dest.startswith(self.src + "/"):
+            raise ValueError("DEST must not be SRC or lie inside it: the outputs would become inputs")
+        return self
+
+    def resolved_job_id(self) -> str:
+        """The given id, or one derived from everything that shapes the output, so re-running resumes."""
+        if self.job_id:
+            return self.job_id
+        shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
+        digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+        return f"job-{digest[:12]}"

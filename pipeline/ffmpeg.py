@@ -1,0 +1,229 @@
+"""Every FFmpeg and ffprobe invocation: argument lists only (never a shell), stderr always drained by a
+thread (an unread pipe stalls FFmpeg once it fills), and a timeout scaled to the work on every call.
+
+Commands are built by hand as lists rather than through ffmpeg-python: the stitch needs optional maps
+(`-map 1:a?`), `-map_metadata` with stream specifiers and per-codec output options, which read more plainly
+as the arguments FFmpeg documents.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections import deque
+from fractions import Fraction
+
+import numpy as np
+
+FFMPEG = "ffmpeg"
+FFPROBE = "ffprobe"
+BASE = [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+
+
+class FFmpegError(RuntimeError):
+    """An FFmpeg or ffprobe call failed; the message is one line a user can act on."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what}: {detail}")
+        self.what = what
+        self.detail = detail
+
+
+def work_timeout(frames: int, pixels: int, seconds_per_mpx: float = 1.0, base: float = 60.0) -> float:
+    """Timeout for a call that touches `frames` frames of `pixels` pixels: generous (x264 `medium` runs at
+    >5 MP/s on one core), but finite, so a stuck decoder never hangs a job."""
+    return base + frames * pixels / 1e6 * seconds_per_mpx
+
+
+def _last_lines(stderr: bytes, n: int = 2) -> str:
+    lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return " | ".join(lines[-n:]) if lines else "no error output"
+
+
+def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,
+        stdout_into: np.ndarray | None = None) -> bytes:
+    """Run a command. `stdin` is written by a thread; stdout is returned as bytes, or read straight into
+    `stdout_into` (exactly filling it; fewer bytes is an error). Raises FFmpegError on failure or timeout."""
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err_tail: deque[bytes] = deque(maxlen=64)
+    threads = [threading.Thread(target=lambda: err_tail.extend(iter(proc.stderr.readline, b"")), daemon=True)]
+    if stdin is not None:
+        threads.append(threading.Thread(target=_feed, args=(proc, stdin), daemon=True))
+    for t in threads:
+        t.start()
+    timed_out = threading.Event()
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
+    timer.start()
+    try:
+        if stdout_into is not None:
+            got = _read_into(proc.stdout, memoryview(stdout_into.reshape(-1)).cast("B"))
+            proc.stdout.read()  # drain anything past the expected size
+            out = b""
+        else:
+            out, got = proc.stdout.read(), -1
+        proc.wait()
+    finally:
+        timer.cancel()
+        for t in threads:
+            t.join(timeout=10)
+    stderr = b"".join(err_tail)
+    if proc.returncode != 0:
+        if timed_out.is_set():
+            raise FFmpegError(what, f"timed out after {timeout:.0f} s")
+        raise FFmpegError(what, _last_lines(stderr))
+    if stdout_into is not None and got != stdout_into.nbytes:
+        raise FFmpegError(what, f"produced {got} of {stdout_into.nbytes} expected bytes "
+                                f"({_last_lines(stderr) if stderr else 'stream ended early'})")
+    return out
+
+
+def _feed(proc: subprocess.Popen, data: memoryview | bytes) -> None:
+    try:
+        proc.stdin.write(data)
+    except (BrokenPipeError, ValueError):
+        pass  # FFmpeg exited early; its stderr says why
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def _read_into(stream, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+# -- ffprobe ------------------------------------------------------------------------------------------------
+
+def probe_json(src: str, timeout: float = 120.0) -> dict:
+    args = [FFPROBE, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", "-show_chapters",
+            src]
+    out = run(args, timeout=timeout, what="ffprobe could not read the file")
+    return json.loads(out)
+
+
+def packet_times(src: str, stream_index: int, timeout: float) -> tuple[list[float | None], list[bool]]:
+    """Presentation time and keyframe flag of every packet of one stream that the demuxer does not discard
+    (packets flagged D, e.g. before an MP4 edit list's start, never become output frames)."""
+    args = [FFPROBE, "-v", "error", "-select_streams", str(stream_index), "-show_entries",
+            "packet=pts_time,dts_time,flags", "-of", "csv=p=0", src]
+    out = run(args, timeout=timeout, what="ffprobe could not read the packets")
+    times: list[float | None] = []
+    keys: list[bool] = []
+    for line in out.decode().splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or "D" in fields[2]:
+            continue
+        pts = fields[0] if fields[0] not in ("", "N/A") else fields[1]
+        times.append(float(pts) if pts not in ("", "N/A") else None)
+        keys.append("K" in fields[2])
+    return times, keys
+
+
+# -- decode -------------------------------------------------------------------------------------------------
+
+def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
+                  high_depth: bool, matrix: str, full_range: bool | None) -> np.ndarray:
+    """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
+    (relative to the file's start; FFmpeg seeks to the keyframe before it and drops the frames before it).
+
+    The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
+    their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate)."""
+    pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
+    rng = "auto" if full_range is None else ("full" if full_range else "limited")
+    args = [*BASE, "-noautorotate"]
+    if seek is not None and seek > 0:
+        args += ["-ss", f"{seek:.6f}"]
+    args += ["-i", src, "-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+             "-vf", f"scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
+             "-pix_fmt", pix_fmt, "-f", "rawvideo", "pipe:1"]
+    frames = np.empty((n_frames, height, width, 3), dtype=dtype)
+    run(args, stdout_into=frames, timeout=work_timeout(n_frames, width * height),
+        what=f"decoding {n_frames} frames failed")
+    return frames
+
+
+# -- encode -------------------------------------------------------------------------------------------------
+
+ENCODERS = {"h264": "libx264", "h265": "libx265", "av1": "libsvtav1"}
+
+
+def encode_args(*, codec: str, crf: int, preset: str, lossless: bool, depth: int, chroma: str,
+                odd_size: bool) -> list[str]:
+    """Codec options for one segment. Lossless is FFV1 in planar RGB: bit-exact to the chain's output.
+    Lossy keeps the source's chroma subsampling and bit depth where the encoder has them (4:4:4 for odd
+    sizes, which 4:2:0 cannot represent)."""
+    if lossless:
+        pix = "gbrp" if depth == 8 else f"gbrp{depth}le"
+        return ["-c:v", "ffv1", "-level", "3", "-slicecrc", "1", "-pix_fmt", pix]
+    if odd_size:
+        chroma = "444"
+    if codec == "av1" and (chroma != "420" or depth > 10):
+        chroma, depth = "420", min(depth, 10)  # SVT-AV1 encodes 4:2:0 at 8/10 bit only
+        if odd_size:
+            raise FFmpegError("encoding failed", "AV1 (SVT-AV1) cannot encode odd frame sizes; use --codec h264")
+    depth = 8 if depth <= 8 else 10 if depth <= 10 else 12
+    if codec == "h264" and depth == 12:
+        depth = 10
+    pix = f"yuv{chroma}p" + ("" if depth == 8 else f"{depth}le")
+    args = ["-c:v", ENCODERS[codec], "-crf", str(crf), "-pix_fmt", pix]
+    if codec == "av1":
+        return args + ["-preset", "8" if preset == "medium" else preset]
+    return args + ["-preset", preset] + (["-x265-params", "log-level=error"] if codec == "h265" else [])
+
+
+def encode_segment(frames: np.ndarray, out_path: str, *, fps: Fraction, codec_args: list[str], matrix: str,
+                   full_range: bool | None, colour_tags: dict[str, str]) -> None:
+    """Pipe RGB frames into FFmpeg and write a video-only Matroska segment."""
+    n, h, w, _ = frames.shape
+    pix_in = "rgb48le" if frames.dtype == np.uint16 else "rgb24"
+    rng = "auto" if full_range is None else ("full" if full_range else "limited")
+    args = [*BASE, "-f", "rawvideo", "-pix_fmt", pix_in, "-s", f"{w}x{h}",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
+            "-vf", f"scale=out_color_matrix={matrix}:out_range={rng}:flags=accurate_rnd+full_chroma_int",
+            *codec_args]
+    for option, value in colour_tags.items():
+        args += [f"-{option}", value]
+    args += ["-f", "matroska", out_path]
+    data = memoryview(np.ascontiguousarray(frames).reshape(-1)).cast("B")
+    run(args, stdin=data, timeout=work_timeout(n, w * h, seconds_per_mpx=4.0),
+        what=f"encoding {n} frames failed")
+
+
+# -- stitch -------------------------------------------------------------------------------------------------
+
+def concat_list(paths: list[str]) -> str:
+    """An FFmpeg concat-demuxer script; single quotes escaped as the demuxer's quoting rules require."""
+    return "ffconcat version 1.0\n" + "".join("file '" + p.replace("'", "'\\''") + "'\n" for p in paths)
+
+
+def stitch(list_file: str, source: str, out_path: str, *, source_video_index: int, out_format: str,
+           rotation: int, subtitle_codecs: list[str], frames: int, pixels: int) -> None:
+    """Concatenate the segments (stream copy) and take every audio and subtitle stream (and, in Matroska, the
+    attachments), the chapters and the metadata from the source, without re-encoding them. The one exception:
+    MP4's mov_text subtitles have no Matroska mapping, so they become SubRip text when the output is .mkv."""
+    args = [*BASE, "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,http,https,tcp,tls,crypto",
+            "-i", list_file, "-i", source, "-map", "0:v:0", "-map", "1:a?", "-map", "1:s?"]
+    if out_format == "matroska":
+        args += ["-map", "1:t?"]
+    args += ["-map_metadata", "1", "-map_chapters", "1", "-map_metadata:s:0", f"1:s:{source_video_index}",
+             "-c", "copy"]
+    if out_format == "matroska":
+        for i, codec in enumerate(subtitle_codecs):
+            if codec == "mov_text":
+                args += [f"-c:s:{i}", "srt"]
+    if rotation:
+        # FFmpeg 5.1 turns a `rotate` tag on an output stream into a display matrix (clockwise degrees).
+        args += ["-metadata:s:v:0", f"rotate={(-rotation) % 360}"]
+    if out_format in ("mp4", "mov"):
+        args += ["-movflags", "+faststart"]
+    args += ["-f", out_format, out_path]
+    run(args, timeout=work_timeout(frames, pixels, seconds_per_mpx=0.05), what="stitching failed")

@@ -1,0 +1,130 @@
+"""The job's manifest under DEST/_reelmend/<job_id>/: job.json, plan/ and events/ (DESIGN.md).
+
+Every file is written once and never rewritten (events are appended as new part files), so pyarrow, DuckDB
+or pandas read a consistent table at any moment, and a crash loses at most the commit in flight.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import JobSpec
+from pipeline.schema import EVENTS, PLAN
+
+
+@dataclass
+class ChunkState:
+    status: str  # pending | running | done | failed
+    failures: int = 0
+    error_kind: str = ""
+    error_message: str = ""
+    frames_out: int = 0
+    segment_uri: str = ""
+
+
+def job_root(dest: str, job_id: str) -> str:
+    return storage.join(dest, storage.JOB_AREA, job_id)
+
+
+def list_jobs(dest: str) -> list[str]:
+    return [name for name in storage.ls(storage.join(dest, storage.JOB_AREA)) if not name.startswith(".")]
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _utc(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+class Manifest:
+    def __init__(self, dest: str, job_id: str):
+        self.dest = dest
+        self.job_id = job_id
+        self.root = job_root(dest, job_id)
+        self.segments_root = storage.join(self.root, "segments")
+
+    # -- job.json and plan/ (written once) --------------------------------------------------------------
+
+    def has_plan(self) -> bool:
+        return storage.exists(storage.join(self.root, "plan", "part-00000.parquet"))
+
+    def write_spec(self, spec: JobSpec) -> None:
+        storage.write_bytes(storage.join(self.root, "job.json"), spec.model_dump_json(indent=2).encode())
+
+    def read_spec(self) -> JobSpec:
+        uri = storage.join(self.root, "job.json")
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"no job {self.job_id} under {self.dest} ({uri} is missing)")
+        return JobSpec.model_validate_json(storage.read_bytes(uri))
+
+    def write_plan(self, rows: list[dict]) -> None:
+        table = pa.Table.from_pylist(rows, schema=PLAN)
+        storage.write_bytes(storage.join(self.root, "plan", "part-00000.parquet"), _parquet_bytes(table))
+
+    def read_plan(self) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.root, "plan", "part-00000.parquet"))))
+
+    # -- events/ (append-only) --------------------------------------------------------------------------
+
+    def append_events(self, events: Iterable[dict]) -> None:
+        rows = [{**{name: None for name in EVENTS.names}, **e} for e in events]
+        if not rows:
+            return
+        for row in rows:
+            row["started_at"] = _utc(row["started_at"]) if isinstance(row["started_at"], float) else row["started_at"]
+            row["finished_at"] = _utc(row["finished_at"]) if isinstance(row["finished_at"], float) else row["finished_at"]
+        table = pa.Table.from_pylist(rows, schema=EVENTS)
+        # Sortable names: the order of part files is the order of commits.
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        storage.write_bytes(storage.join(self.root, "events", name), _parquet_bytes(table))
+
+    def read_events(self) -> pa.Table:
+        folder = storage.join(self.root, "events")
+        parts = [n for n in storage.ls(folder) if n.startswith("part-") and n.endswith(".parquet")]
+        tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, n)))) for n in parts]
+        return pa.concat_tables(tables) if tables else EVENTS.empty_table()
+
+    def chunk_states(self) -> dict[tuple[str, int], ChunkState]:
+        """The latest state of every (video_id, chunk_index) that has events, with its failure count."""
+        states: dict[tuple[str, int], ChunkState] = {}
+        for e in self.read_events().to_pylist():
+            key = (e["video_id"], e["chunk_index"])
+            prev = states.get(key)
+            failures = (prev.failures if prev else 0) + (e["status"] == "failed")
+            states[key] = ChunkState(e["status"], failures, e["error_kind"] or "", e["error_message"] or "",
+                                     e["frames_out"] or 0, e["segment_uri"] or "")
+        return states
+
+
+class EventWriter:
+    """Buffers events and commits them as one part file at most every `interval` seconds (and on flush), so a
+    job over a million chunks writes a bounded number of parts while results stream back."""
+
+    def __init__(self, manifest: Manifest, interval: float = 1.0):
+        self.manifest = manifest
+        self.interval = interval
+        self.buffer: list[dict] = []
+        self.last = time.monotonic()
+
+    def add(self, event: dict) -> None:
+        self.buffer.append({"finished_at": time.time(), **event})
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self.manifest.append_events(self.buffer)
+        self.buffer = []
+        self.last = time.monotonic()

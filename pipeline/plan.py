@@ -1,0 +1,82 @@
+"""Plan frame-exact chunks for each probed video: frame ranges (never time ranges), the context frames the
+chain needs on each side, the seek time that lands on the first decoded frame, and the output's name."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+from pipeline.config import JobSpec
+from pipeline.probe import VideoInfo
+from pipeline.storage import join, safe_relative
+
+MP4_FAMILY = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
+MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "mp2"}
+
+
+def video_id(rel_path: str) -> str:
+    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:16]
+
+
+def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str]:
+    """(relative output path, FFmpeg muxer). The source's name and container are kept when the container can
+    hold the output streams; otherwise the output becomes .mkv (Matroska holds every codec we copy)."""
+    rel = safe_relative(rel_path)
+    stem, ext = posixpath.splitext(rel)
+    family = MP4_FAMILY.get(ext.lower())
+    fits = (
+        family is not None
+        and not spec.encode.lossless  # FFV1 has no MP4 mapping
+        and all(s.kind == "audio" and (s.codec in MP4_AUDIO or family == "mov" and (s.codec or "").startswith("pcm"))
+                or s.kind == "subtitle" and s.codec == "mov_text"
+                or s.kind in ("video", "data")  # not mapped: a second video stream or a timecode track
+                for s in info.streams)
+    )
+    if fits:
+        return rel, family
+    return (stem + ".mkv" if ext.lower() != ".mkv" else rel), "matroska"
+
+
+def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info: VideoInfo,
+               context: tuple[int, int]) -> list[dict]:
+    """One plan row per chunk of about 2 s (or `spec.chunk_frames`) of source frames."""
+    n = info.n_frames
+    size = spec.chunk_frames or max(2, round(2 * info.fps))
+    n_chunks = -(-n // size)
+    rel_out, out_format = output_name(rel_path, info, spec)
+    before, after = context
+    probe_json = info.model_dump_json()
+    rows = []
+    for i in range(n_chunks):
+        start, end = i * size, min((i + 1) * size, n)
+        d0, d1 = max(0, start - before), min(n, end + after)
+        rows.append({
+            "job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri,
+            "output_uri": join(spec.dest, rel_out), "rel_path": rel_path, "chunk_index": i, "n_chunks": n_chunks,
+            "frame_start": start, "frame_end": end, "decode_start": d0, "decode_end": d1,
+            "seek_time": seek_time(info, d0), "n_frames": n, "width": info.width, "height": info.height,
+            "bit_depth": info.bit_depth, "fps_num": info.fps_num, "fps_den": info.fps_den,
+            "out_format": out_format, "probe_json": probe_json, "error": None,
+        })
+    return rows
+
+
+def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, dest: str) -> dict:
+    """The plan row of an input that cannot be restored: it is listed, with its reason, and never run."""
+    try:
+        output_uri = join(dest, safe_relative(rel_path))
+    except ValueError:
+        output_uri = ""
+    return {"job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri, "output_uri": output_uri,
+            "rel_path": rel_path, "chunk_index": -1, "n_chunks": 0, "frame_start": 0, "frame_end": 0,
+            "decode_start": 0, "decode_end": 0, "seek_time": 0.0, "n_frames": 0, "width": 0, "height": 0,
+            "bit_depth": 0, "fps_num": 0, "fps_den": 1, "out_format": "", "probe_json": "", "error": reason}
+
+
+def seek_time(info: VideoInfo, frame: int) -> float:
+    """Seconds from the file's start to halfway between `frame - 1` and `frame`: FFmpeg's accurate seek keeps
+    frames at or after the seek point, so the first frame out is exactly `frame`, whatever the frame spacing."""
+    if frame == 0:
+        return 0.0
+    t = info.frame_times
+    return (t[frame - 1] + t[frame]) / 2 - info.start_time

@@ -1,0 +1,169 @@
+"""Probe a video with ffprobe into a pydantic model: the stream to restore, its exact frame count and
+per-frame timestamps (from packets), rate, size, depth, colour, rotation, and every other stream."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import ffmpeg
+
+# scale filter names for the colour matrices FFmpeg tags (ITU-T H.273 matrix_coefficients)
+MATRICES = {"bt709": "bt709", "smpte170m": "bt601", "bt470bg": "bt601", "fcc": "fcc", "smpte240m": "smpte240m",
+            "bt2020nc": "bt2020", "bt2020c": "bt2020"}
+
+
+class ProbeError(RuntimeError):
+    """The file is not a restorable video; the message says why in one line."""
+
+
+class OtherStream(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    index: int
+    kind: str  # audio | subtitle | attachment | data | video (a second video stream or cover art)
+    codec: str | None = None
+    language: str | None = None
+
+
+class VideoInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    format_name: str
+    start_time: float
+    duration: float
+    stream_index: int
+    codec: str
+    width: int
+    height: int
+    pix_fmt: str
+    bit_depth: int
+    chroma: str  # "420" | "422" | "444" | "rgb" | "gray"
+    fps_num: int
+    fps_den: int
+    vfr: bool
+    n_frames: int
+    color_range: str | None = None
+    color_space: str | None = None
+    color_transfer: str | None = None
+    color_primaries: str | None = None
+    rotation: int = 0  # counter-clockwise degrees of the display matrix, as ffprobe reports it
+    streams: tuple[OtherStream, ...] = ()
+    chapters: int = 0
+    # Presentation time (s) of each frame in display order; used for seeking, not stored in the manifest.
+    frame_times: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
+
+    @property
+    def fps(self) -> Fraction:
+        return Fraction(self.fps_num, self.fps_den)
+
+    @property
+    def matrix(self) -> str:
+        return MATRICES.get(self.color_space or "", "auto")
+
+    @property
+    def full_range(self) -> bool | None:
+        return {"pc": True, "tv": False}.get(self.color_range or "")
+
+    def colour_tags(self) -> dict[str, str]:
+        """Encoder options that carry the source's colour description (only what the source declared)."""
+        tags = {"color_primaries": self.color_primaries, "color_trc": self.color_transfer,
+                "colorspace": self.color_space, "color_range": self.color_range}
+        return {k: v for k, v in tags.items() if v and v not in ("unknown", "reserved")}
+
+
+def _fraction(text: str | None) -> Fraction | None:
+    if not text or "/" not in text:
+        return None
+    num, den = text.split("/")
+    return Fraction(int(num), int(den)) if int(num) > 0 and int(den) > 0 else None
+
+
+def _depth_and_chroma(pix_fmt: str, bits_raw: str | None) -> tuple[int, str]:
+    m = re.search(r"(\d+)(le|be)$", pix_fmt)
+    depth = int(m.group(1)) if m else 8
+    if bits_raw and bits_raw.isdigit() and int(bits_raw) > 8:
+        depth = max(depth, int(bits_raw))
+    if pix_fmt.startswith(("gbr", "rgb", "bgr", "argb", "abgr", "rgba", "bgra", "0rgb", "rgb0", "bgr0")):
+        chroma = "rgb"
+    elif pix_fmt.startswith(("gray", "ya")):
+        chroma = "gray"
+    else:
+        m = re.match(r"yuva?j?(4\d\d)", pix_fmt)
+        chroma = m.group(1) if m else "420"
+    return depth, chroma
+
+
+def _rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", []) or []:
+        if "rotation" in side:
+            return int(round(float(side["rotation"]))) % 360
+    rotate = (stream.get("tags") or {}).get("rotate")
+    return (-int(rotate)) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
+
+
+def _choose_video(streams: list[dict]) -> dict:
+    candidates = [s for s in streams if s.get("codec_type") == "video"
+                  and not (s.get("disposition") or {}).get("attached_pic")
+                  and s.get("codec_name") and int(s.get("width") or 0) > 0 and int(s.get("height") or 0) > 0]
+    if not candidates:
+        kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
+        raise ProbeError(f"no decodable video stream (streams: {', '.join(kinds)})")
+    defaults = [s for s in candidates if (s.get("disposition") or {}).get("default")]
+    return (defaults or candidates)[0]
+
+
+def probe(src: str) -> VideoInfo:
+    """Probe `src` (a path or URL FFmpeg can open). Raises ProbeError with a one-line reason."""
+    try:
+        meta = ffmpeg.probe_json(src)
+    except ffmpeg.FFmpegError as err:
+        raise ProbeError(f"not a readable media file ({err.detail})") from err
+    fmt = meta.get("format") or {}
+    streams = meta.get("streams") or []
+    video = _choose_video(streams)
+    width, height = int(video["width"]), int(video["height"])
+    if width * height > 16384 * 16384 or width > 32768 or height > 32768:
+        raise ProbeError(f"declared frame size {width}x{height} is beyond what reelmend restores")
+    duration = float(fmt.get("duration") or video.get("duration") or 0.0)
+    pixels = width * height
+    times, _ = ffmpeg.packet_times(src, int(video["index"]),
+                                   timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 0.0))
+    n_frames = len(times)
+    if n_frames == 0:
+        raise ProbeError("the video stream has no frames")
+    rate = _fraction(video.get("avg_frame_rate")) or _fraction(video.get("r_frame_rate"))
+    known = [t for t in times if t is not None]
+    if len(known) == n_frames:
+        times_sorted = sorted(known)
+    elif rate:  # no timestamps (raw streams): frames are evenly spaced
+        times_sorted = [float(i / rate) for i in range(n_frames)]
+    else:
+        raise ProbeError("the video stream has neither timestamps nor a frame rate")
+    steps = [b - a for a, b in zip(times_sorted, times_sorted[1:])]
+    vfr = bool(steps) and (max(steps) - min(steps)) > 0.5 * (sum(steps) / len(steps)) * 0.1
+    nominal = _fraction(video.get("r_frame_rate"))
+    if not vfr and nominal and steps and abs(float(1 / nominal) - sum(steps) / len(steps)) < 1e-3:
+        fps = nominal
+    elif steps and times_sorted[-1] > times_sorted[0]:
+        # Constant-rate output with the same frame count and duration (DESIGN: normalising VFR is fine).
+        fps = Fraction(len(steps), 1) / Fraction(times_sorted[-1] - times_sorted[0]).limit_denominator(1_000_000)
+        fps = fps.limit_denominator(100_000)
+    else:
+        fps = rate or Fraction(25)
+    depth, chroma = _depth_and_chroma(video.get("pix_fmt") or "", video.get("bits_per_raw_sample"))
+    others = tuple(
+        OtherStream(index=int(s["index"]), kind=s.get("codec_type", "data"), codec=s.get("codec_name"),
+                    language=(s.get("tags") or {}).get("language"))
+        for s in streams if s is not video)
+    start = float(fmt.get("start_time") or 0.0)
+    return VideoInfo(
+        format_name=fmt.get("format_name", ""), start_time=start, duration=duration,
+        stream_index=int(video["index"]), codec=video["codec_name"], width=width, height=height,
+        pix_fmt=video.get("pix_fmt") or "unknown", bit_depth=depth, chroma=chroma,
+        fps_num=fps.numerator, fps_den=fps.denominator, vfr=vfr, n_frames=n_frames,
+        color_range=video.get("color_range"), color_space=video.get("color_space"),
+        color_transfer=video.get("color_transfer"), color_primaries=video.get("color_primaries"),
+        rotation=_rotation(video), streams=others, chapters=len(meta.get("chapters") or []),
+        frame_times=tuple(times_sorted))

@@ -1,0 +1,95 @@
+"""The Ray side of a restoration job: connecting, probe tasks, the chunk dataset, stitch tasks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from pipeline import storage
+from pipeline.config import JobSpec
+from pipeline.probe import ProbeError, VideoInfo, probe
+from pipeline.stages import RestoreStage, decode_chunk, encode_chunk
+from pipeline.stitch import stitch_video
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
+    An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@ray.remote(num_cpus=0.5, max_retries=3)
+def _probe_task(uri: str) -> VideoInfo | str:
+    """A VideoInfo, or the one-line reason the file cannot be restored."""
+    try:
+        with storage.ffmpeg_input(uri) as src:
+            return probe(src)
+    except (ProbeError, OSError, ValueError) as err:
+        return str(err)
+
+
+def probe_all(uris: list[str]) -> Iterator[tuple[str, VideoInfo | str]]:
+    """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order."""
+    refs = [_probe_task.remote(uri) for uri in uris]
+    for uri, ref in zip(uris, refs):
+        yield uri, ray.get(ref)
+
+
+def restore_dataset(tasks: list[dict], spec: JobSpec, temporal: int, segments_root: str) -> ray.data.Dataset:
+    """decode -> restore -> encode over the given chunk rows; each output row is a chunk's result (no frames).
+
+    One chunk per block and per batch: chunks of different videos differ in size and bit depth, and a chunk
+    (about 2 s of frames) is already a large unit of work."""
+    res = spec.resources
+    gpus = res.restore_gpus if res.restore_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
+    # A decode task holds its frames, and FFmpeg's pipe buffer: declared so Ray never packs more decodes on a
+    # node than its memory holds. (Declaring it also keeps decode out of the restore actors: Ray Data fuses a
+    # task stage into the next actor stage when their resources are equal, which would serialise the two.)
+    decode_bytes = max((t["decode_end"] - t["decode_start"]) * t["width"] * t["height"] * 3
+                       * (2 if t["bit_depth"] > 8 else 1) for t in tasks)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
+    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=2 * decode_bytes)
+    # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
+    ds = ds.map_batches(
+        RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models,
+                                             "threads": max(1, int(res.restore_cpus))},
+        batch_size=1, batch_format="numpy", num_cpus=res.restore_cpus, num_gpus=gpus,
+        compute=ActorPoolStrategy(min_size=res.restore_actors_min, max_size=res.restore_actors_max))
+    # encode: CPU tasks, FFmpeg -> one video-only segment per chunk in the job area
+    ds = ds.map(encode_chunk, fn_kwargs={"encode": spec.encode, "segments_root": segments_root,
+                                         "temporal": temporal},
+                num_cpus=res.encode_cpus)
+    return ds
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _stitch_task(**kwargs) -> int | str:
+    """The output's frame count, or the one-line reason the stitch failed."""
+    try:
+        return stitch_video(**kwargs)
+    except Exception as err:  # noqa: BLE001 - recorded in the manifest as this video's failure
+        return " ".join(str(err).split()) or type(err).__name__
+
+
+def stitch_all(jobs: dict[str, dict]) -> Iterator[tuple[str, int | str]]:
+    """Stitch videos in parallel; yields (video_id, frames or reason) as each finishes."""
+    refs = {_stitch_task.remote(**kwargs): vid for vid, kwargs in jobs.items()}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield refs[done[0]], ray.get(done[0])

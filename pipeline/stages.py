@@ -1,0 +1,120 @@
+"""The three Ray Data stages of a restoration job, each with its resources declared beside it.
+
+A row is one chunk: the plan columns of `schema.TASK_FIELDS`, the `frames` the stages pass along, and the
+result columns of `schema.RESULT_FIELDS`. A stage that fails on a chunk does not raise (one bad video must
+never stop the dataset): it returns the row with `error_kind`/`error_message` set and empty frames, the later
+stages pass it through, and the driver records the failure in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline import ffmpeg, storage
+from pipeline.config import EncodeSpec
+from pipeline.probe import VideoInfo
+
+EMPTY = np.zeros((0, 1, 1, 3), dtype=np.uint8)
+
+# Ray Data retries a task and restarts an actor whose process or node died (system failures); a chunk that
+# fails by itself (bad input, encoder error) is retried by the driver, up to --max-attempts.
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _failed(row: dict[str, Any], kind: str, err: BaseException) -> dict[str, Any]:
+    message = " ".join(str(err).split()) or type(err).__name__
+    return {**row, "frames": EMPTY, "error_kind": kind, "error_message": message[:2000], "worker": _worker()}
+
+
+def decode_chunk(row: dict[str, Any]) -> dict[str, Any]:
+    """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
+    sources deeper than 8 bits)."""
+    row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
+           "frames_out": 0, "segment_uri": "", "worker": _worker()}
+    try:
+        info = VideoInfo.model_validate_json(row["probe_json"])
+        n = int(row["decode_end"] - row["decode_start"])
+        with storage.ffmpeg_input(row["source_uri"]) as src:
+            frames = ffmpeg.decode_frames(
+                src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
+                width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
+                full_range=info.full_range)
+    except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason
+        return _failed(row, "decode", err)
+    return {**row, "frames": frames, "frames_in": int(row["frame_end"] - row["frame_start"])}
+
+
+class RestoreStage:
+    """Actor: loads the chain once, then restores one chunk per call (the chain batches its frames).
+
+    Declared with one CPU, and one GPU per actor when the cluster has GPUs (`pipeline.run`)."""
+
+    def __init__(self, chain: tuple[str, ...], models: str | None, threads: int = 1):
+        import torch
+
+        from models.chain import load_chain
+
+        torch.set_num_threads(max(1, threads))
+        self.chain = load_chain(chain, models)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        row = {k: v[0] for k, v in batch.items()}
+        if not row["error_kind"]:
+            row = self._restore(row)
+        return {k: _one(v) for k, v in row.items()}
+
+    def _restore(self, row: dict[str, Any]) -> dict[str, Any]:
+        t = self.chain.temporal_factor
+        own = slice(int(row["frame_start"] - row["decode_start"]) * t, int(row["frame_end"] - row["decode_start"]) * t)
+        try:
+            out = self.chain.run(np.asarray(row["frames"]))
+        except Exception as err:  # noqa: BLE001
+            return _failed(row, "restore", err)
+        return {**row, "frames": np.ascontiguousarray(out[own]), "worker": _worker()}
+
+
+def _one(value: Any) -> np.ndarray:
+    """A batch of one row: the value with a leading axis of 1 (object dtype for strings)."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return value[None]
+    out = np.empty(1, dtype=object)
+    out[0] = value
+    return out
+
+
+def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str, temporal: int) -> dict[str, Any]:
+    """CPU task: encode the restored frames to a video-only segment in the job area; drop the frames."""
+    if not row["error_kind"]:
+        try:
+            row = _encode(row, encode, segments_root, temporal)
+        except Exception as err:  # noqa: BLE001
+            row = _failed(row, "encode", err)
+    row.pop("frames", None)
+    return row
+
+
+def _encode(row: dict[str, Any], encode: EncodeSpec, segments_root: str, temporal: int) -> dict[str, Any]:
+    info = VideoInfo.model_validate_json(row["probe_json"])
+    frames = np.asarray(row["frames"])
+    expected = int(row["frame_end"] - row["frame_start"]) * temporal
+    if len(frames) != expected:  # a chain bug, never silently papered over
+        raise RuntimeError(f"restore returned {len(frames)} frames, expected {expected}")
+    _, h, w, _ = frames.shape
+    codec_args = ffmpeg.encode_args(codec=encode.codec, crf=encode.crf, preset=encode.preset,
+                                    lossless=encode.lossless, depth=info.bit_depth,
+                                    chroma=info.chroma if info.chroma in ("420", "422", "444") else "420",
+                                    odd_size=bool(w % 2 or h % 2))
+    uri = storage.join(segments_root, row["video_id"], f"{int(row['chunk_index']):06d}.mkv")
+    with storage.staging_dir(segments_root) as tmp:
+        ffmpeg.encode_segment(frames, str(tmp / "segment.mkv"), fps=info.fps * temporal, codec_args=codec_args,
+                              matrix=info.matrix, full_range=info.full_range, colour_tags=info.colour_tags())
+        storage.publish(tmp / "segment.mkv", uri)
+    return {**row, "frames_out": len(frames), "segment_uri": uri, "worker": _worker()}

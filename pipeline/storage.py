@@ -1,0 +1,171 @@
+"""All storage access: listing, reading, writing and publishing through fsspec, so a local folder, `file://`
+and object stores (`s3://`, `gs://`) behave the same.
+
+FFmpeg reads and writes local files only here: `ffmpeg_input` hands it a local path, a presigned URL where the
+filesystem can sign one, or a staged local copy; FFmpeg writes into a local staging folder and `publish`
+moves the result to its URI (an atomic rename on local disks, one upload on object stores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+JOB_AREA = "_reelmend"
+
+
+def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', refusing any part that would climb out of `base`."""
+    for part in parts:
+        if safe_relative(part) != part.strip("/"):
+            raise ValueError(f"unsafe path component {part!r}")
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def safe_relative(rel: str) -> str:
+    """Normalise a relative key so it cannot escape its destination ('..', absolute, empty or '.' parts)."""
+    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts) or not parts:
+        raise ValueError(f"object key {rel!r} would escape the destination")
+    return posixpath.join(*parts)
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(fs_and_path(uri)[0], LocalFileSystem)
+
+
+def list_files(src: str) -> list[tuple[str, str]]:
+    """Every file under `src`, recursively, as (uri, path relative to src), sorted; skips reelmend's job areas."""
+    fs, root = fs_and_path(src)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"source {src} does not exist")
+    if fs.isfile(root):
+        return [(src, posixpath.basename(root))]
+    protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
+    out = []
+    for path in sorted(fs.find(root)):
+        rel = posixpath.relpath(path, root)
+        if rel.split("/", 1)[0] == JOB_AREA:
+            continue
+        local = not protocol or protocol == "file://"
+        out.append((path if local else f"{protocol}{path}", rel))
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = fs_and_path(uri)
+    return fs.exists(path)
+
+
+def ls(uri: str) -> list[str]:
+    """Names directly under `uri` (empty when it does not exist)."""
+    fs, path = fs_and_path(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a small object so that readers see either nothing or all of it."""
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _hidden_tmp(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)  # a single PUT: object stores publish whole objects
+
+
+def _hidden_tmp(path: str) -> str:
+    """A temporary sibling whose leading dot keeps dataset readers (pyarrow, DuckDB) from listing it."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def remove(uri: str) -> None:
+    fs, path = fs_and_path(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@contextlib.contextmanager
+def staging_dir(near: str) -> Iterator[Path]:
+    """A private local folder for FFmpeg's outputs, removed afterwards. For a local destination it lies on the
+    destination's filesystem (inside `near`), so publishing is a rename, not a copy."""
+    fs, path = fs_and_path(near)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".staging-", dir=path)
+    else:
+        tmp = tempfile.mkdtemp(prefix="reelmend-")
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(local: Path, uri: str) -> None:
+    """Move a finished local file to `uri` atomically: readers never see a partial output."""
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.replace(local, path)
+        except OSError:  # another filesystem: copy beside the target, then rename
+            tmp = _hidden_tmp(path)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+    else:
+        fs.put_file(str(local), path)
+
+
+@contextlib.contextmanager
+def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
+    """Something FFmpeg can open for `uri`: a local path, a presigned HTTP URL (FFmpeg then reads only the
+    byte ranges it needs), or else a local copy staged in `stage_in` (at most one file per open call)."""
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem):
+        yield path
+        return
+    url = _presigned_url(fs, path)
+    if url is not None:
+        yield url
+        return
+    with contextlib.ExitStack() as stack:
+        folder = stage_in or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reelmend-in-")))
+        local = folder / f"{uuid.uuid4().hex}{posixpath.splitext(path)[1]}"
+        fs.get_file(path, str(local))
+        try:
+            yield str(local)
+        finally:
+            local.unlink(missing_ok=True)
+
+
+def _presigned_url(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """An HTTP(S) URL FFmpeg can read with range requests, when the filesystem can sign one (s3fs, gcsfs)."""
+    try:
+        url = fs.url(path, expires=3600)
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None

@@ -1,0 +1,177 @@
+"""End to end through the CLI on real footage and FFmpeg-made sources, on the session's real Ray instance."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import decode, ffmpeg, make_clip, probe_stream, psnr, stream_hashes, write_tiny_weights
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def only_job(dest: Path) -> Path:
+    (job,) = (dest / "_reelmend").iterdir()
+    return job
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, clips, ray_address):
+    """bikes.mp4 and bigbuckbunny.mp4 (with audio) in a nested layout, a 10-bit FFmpeg source, a text file,
+    restored once with identity in lossless mode and chunks small enough for at least 4 per video."""
+    src = tmp_path_factory.mktemp("archive")
+    (src / "street").mkdir()
+    (src / "street" / "bikes.mp4").write_bytes((clips / "bikes.mp4").read_bytes())
+    (src / "bunny with spaces.mp4").write_bytes((clips / "bigbuckbunny.mp4").read_bytes())
+    make_clip(src / "deep" / "ten-bit.mkv", size="64x48", frames=30,
+              extra=("-c:v", "libx264", "-pix_fmt", "yuv420p10le", "-crf", "10"))
+    (src / "notes.txt").write_text("not a video\n")
+    dest = src.parent / "restored"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "30")
+    return src, dest, result
+
+
+def test_identity_lossless_matches_every_source_frame(archive):
+    src, dest, result = archive
+    assert result.exit_code == 3, result.output  # notes.txt failed, everything else done
+    for rel in ("street/bikes.mkv", "bunny with spaces.mkv"):
+        source = decode(src / rel.replace(".mkv", ".mp4"))
+        restored = decode(dest / rel)
+        assert restored.shape == source.shape
+        # frame by frame: an off-by-one at a chunk boundary would drop PSNR far below this
+        assert min(psnr(a, b) for a, b in zip(source, restored)) >= 45
+
+
+def test_audio_is_copied_packet_for_packet_and_duration_holds(archive):
+    src, dest, _ = archive
+    source, restored = src / "bunny with spaces.mp4", dest / "bunny with spaces.mkv"
+    assert stream_hashes(restored, "0:a") == stream_hashes(source, "0:a")
+    s, r = probe_stream(source, "duration,nb_read_packets"), probe_stream(restored, "nb_read_packets")
+    assert int(r["nb_read_packets"]) == int(s["nb_read_packets"])
+    fmt = json.loads(__import__("subprocess").run(
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "json", str(restored)],
+        capture_output=True, text=True, check=True).stdout)
+    assert abs(float(fmt["format"]["duration"]) - 5.312) < 1 / 25 + 1e-3  # the longer audio sets it
+
+
+def test_ten_bit_source_stays_ten_bit(archive):
+    src, dest, _ = archive
+    out = probe_stream(dest / "deep" / "ten-bit.mkv", "pix_fmt")
+    assert out["pix_fmt"].endswith("10le")
+    a, b = decode(src / "deep" / "ten-bit.mkv", "rgb48le"), decode(dest / "deep" / "ten-bit.mkv", "rgb48le")
+    assert a.shape == b.shape and psnr(a, b, 65535.0) >= 45
+
+
+def test_manifest_reads_back_with_plain_pyarrow(archive):
+    _, dest, _ = archive
+    job = only_job(dest)
+    plan = pq.read_table(job / "plan").to_pylist()
+    events = pq.read_table(job / "events").to_pylist()
+    per_video = {}
+    for row in plan:
+        per_video.setdefault(row["rel_path"], []).append(row)
+    assert len(per_video["street/bikes.mp4"]) >= 4 and len(per_video["bunny with spaces.mp4"]) >= 4
+    bikes = sorted(per_video["street/bikes.mp4"], key=lambda r: r["chunk_index"])
+    assert [r["frame_start"] for r in bikes] == list(range(0, 250, 30))
+    assert bikes[-1]["frame_end"] == 250
+    done = [e for e in events if e["status"] == "done" and e["chunk_index"] >= 0]
+    assert len(done) == sum(len(v) for k, v in per_video.items() if k != "notes.txt")
+    assert json.loads((job / "job.json").read_text())["chain"] == ["identity"]
+
+
+def test_status_names_the_failed_input_with_its_reason(archive):
+    _, dest, _ = archive
+    result = cli("status", str(dest), "--json")
+    assert result.exit_code == 3
+    videos = {v["path"]: v for v in json.loads(result.output)["videos"]}
+    assert videos["notes.txt"]["status"] == "failed"
+    assert "not a readable media file" in videos["notes.txt"]["reason"] or "no decodable" in videos["notes.txt"]["reason"]
+    assert {videos[p]["status"] for p in ("street/bikes.mp4", "bunny with spaces.mp4", "deep/ten-bit.mkv")} == {"done"}
+
+
+def test_rerun_resumes_and_redoes_nothing(archive):
+    src, dest, _ = archive
+    job = only_job(dest)
+    before = len(list((job / "events").iterdir()))
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "30")
+    assert result.exit_code == 3
+    events = pq.read_table(job / "events").to_pylist()
+    assert len(list((job / "events").iterdir())) == before  # nothing was left to do: no new events
+    assert sum(e["status"] == "running" for e in events) == sum(e["status"] == "done" and e["chunk_index"] >= 0
+                                                                   for e in events)
+
+
+def test_default_encode_is_h264_with_audio_and_colour_kept(tmp_path, clips, ray_address):
+    src = tmp_path / "in"
+    src.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "50", "-vf", "scale=160:68", "-c:v", "libx264",
+           "-pix_fmt", "yuv420p", "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709",
+           str(src / "tagged.mp4"))
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chunk-frames", "12")
+    assert result.exit_code == 0, result.output
+    out = probe_stream(dest / "tagged.mp4", "codec_name,nb_read_packets,color_space,color_primaries,pix_fmt")
+    assert out["codec_name"] == "h264" and out["nb_read_packets"] == "50" and out["pix_fmt"] == "yuv420p"
+    assert out["color_space"] == "bt709" and out["color_primaries"] == "bt709"
+    # CRF 18 of the same frames (RGB processing clips out-of-gamut YUV, so not the ~45 dB of a YUV re-encode)
+    assert psnr(decode(src / "tagged.mp4"), decode(dest / "tagged.mp4")) > 35
+    assert not list((only_job(dest) / "segments").rglob("*.mkv"))  # segments are cleaned after the stitch
+
+
+def test_sr2x_doubles_both_sides(tmp_path, ray_address):
+    src = make_clip(tmp_path / "in" / "small.mkv", size="48x32", frames=24, extra=("-c:v", "ffv1"))
+    weights = write_tiny_weights(tmp_path / "weights", "sr2x", perturb=0.05)
+    dest = tmp_path / "out"
+    result = cli("restore", str(src.parent), str(dest), "--chain", "sr2x", "--models", str(weights),
+                 "--lossless", "--chunk-frames", "6")
+    assert result.exit_code == 0, result.output
+    frames = decode(dest / "small.mkv")
+    assert frames.shape == (24, 64, 96, 3)
+
+
+def test_interp2x_doubles_frames_and_keeps_source_frames(tmp_path, ray_address):
+    src = make_clip(tmp_path / "in" / "motion.mkv", size="64x48", frames=25, extra=("-c:v", "ffv1"))
+    # A fresh FlowInterp predicts zero flow and an even blend: the midpoint is the average of its neighbours,
+    # which pins down which source frames each output frame came from, across chunk boundaries too.
+    weights = write_tiny_weights(tmp_path / "weights", "interp2x")
+    dest = tmp_path / "out"
+    result = cli("restore", str(src.parent), str(dest), "--chain", "interp2x", "--models", str(weights),
+                 "--lossless", "--chunk-frames", "6")
+    assert result.exit_code == 0, result.output
+    source, out = decode(src), decode(dest / "motion.mkv")
+    assert len(out) == 2 * len(source)
+    assert np.array_equal(out[0::2], source)
+    mid = (source[:-1].astype(np.int16) + source[1:]) / 2
+    assert np.abs(out[1:-1:2] - mid).max() <= 1.0
+    assert np.array_equal(out[-1], source[-1])
+    rate = probe_stream(dest / "motion.mkv", "avg_frame_rate")["avg_frame_rate"]
+    assert Fraction(rate) == 50
+
+
+def test_temporal_context_makes_chunking_invisible(tmp_path, ray_address):
+    """descratch reads neighbours and interp2x the next frame: chunked output must equal one-chunk output."""
+    src = make_clip(tmp_path / "in" / "clip.mkv", size="48x32", frames=20, extra=("-c:v", "ffv1"))
+    weights = tmp_path / "weights"
+    write_tiny_weights(weights, "descratch", perturb=0.1)
+    write_tiny_weights(weights, "interp2x", perturb=0.02)
+    outs = []
+    for chunk in ("5", "20"):
+        dest = tmp_path / f"out{chunk}"
+        result = cli("restore", str(src.parent), str(dest), "--chain", "descratch,interp2x", "--models",
+                     str(weights), "--lossless", "--chunk-frames", chunk)
+        assert result.exit_code == 0, result.output
+        outs.append(decode(dest / "clip.mkv"))
+    assert outs[0].shape == (40, 32, 48, 3)
+    # equal up to float rounding between batch sizes; a context error changes frames by far more
+    assert np.abs(outs[0].astype(int) - outs[1]).max() <= 1

@@ -1,0 +1,218 @@
+"""Shape, init-identity, gradient and argument tests for the model architectures.
+
+Tensors and widths are kept tiny: the whole file must run in seconds on 2 CPU cores.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.compact_sr import CompactSR
+from models.flow_interp import FlowInterp, backward_warp
+from models.restorer_net import RestorerNet
+
+SIZES = [(37, 21), (64, 48), (1, 1), (16, 9)]
+CUDA = torch.cuda.is_available()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def perturb(model: nn.Module, seed: int = 0) -> None:
+    """Give every zero-initialised parameter small random values."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                nn.init.normal_(p, std=0.05)
+
+
+def check_grads(model: nn.Module, out: torch.Tensor) -> None:
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"no grad for {name}"  # DDP needs every param used
+        assert torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# ----------------------------------------------------------------- RestorerNet
+
+
+@pytest.mark.parametrize("in_frames", [1, 3])
+@pytest.mark.parametrize("hw", SIZES)
+def test_restorer_shape_and_identity(in_frames, hw):
+    torch.manual_seed(0)
+    net = RestorerNet(in_frames=in_frames, features=8, blocks=2)
+    assert net.in_frames == in_frames
+    x = torch.rand(2, in_frames, 3, *hw)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 3, *hw) and y.dtype == torch.float32
+    assert torch.equal(y, x[:, in_frames // 2])  # fresh net == centre frame exactly
+
+
+def test_restorer_default_identity():
+    x = torch.rand(1, 3, 3, 37, 21)
+    with torch.no_grad():
+        assert torch.equal(RestorerNet(in_frames=3)(x), x[:, 1])
+
+
+@pytest.mark.parametrize("in_frames", [1, 3])
+def test_restorer_perturbed_and_grads(in_frames):
+    net = RestorerNet(in_frames=in_frames, features=8, blocks=2)
+    perturb(net)
+    x = torch.rand(2, in_frames, 3, 37, 21)
+    y = net(x)
+    assert y.shape == (2, 3, 37, 21)
+    assert torch.isfinite(y).all()
+    assert not torch.allclose(y, x[:, in_frames // 2])
+    check_grads(net, y)
+
+
+@pytest.mark.parametrize("kwargs", [{"in_frames": 2}, {"in_frames": 0}, {"in_frames": -1},
+                                    {"features": 0}, {"blocks": 0}])
+def test_restorer_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        RestorerNet(**kwargs)
+
+
+def test_restorer_bad_input():
+    with pytest.raises(ValueError):
+        RestorerNet(in_frames=3, features=4, blocks=1)(torch.rand(1, 1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------- CompactSR
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("hw", [(37, 21), (16, 9), (1, 1)])
+def test_compact_sr_shape_and_identity(scale, hw):
+    net = CompactSR(scale=scale, features=8, convs=2)
+    assert net.scale == scale
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 3, hw[0] * scale, hw[1] * scale)
+    ref = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    assert torch.equal(y, ref)  # fresh net == bilinear upscale exactly
+
+
+def test_compact_sr_perturbed_and_grads():
+    net = CompactSR(scale=2, features=8, convs=2)
+    perturb(net)
+    x = torch.rand(2, 3, 37, 21)
+    y = net(x)
+    assert y.shape == (2, 3, 74, 42) and torch.isfinite(y).all()
+    assert not torch.allclose(y, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+    check_grads(net, y)
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 1}, {"scale": 5}, {"scale": 2.0}, {"scale": True},
+                                    {"features": 0}, {"convs": -1}])
+def test_compact_sr_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        CompactSR(**kwargs)
+
+
+# ----------------------------------------------------------------- backward_warp
+
+
+def test_backward_warp_zero_flow_is_identity():
+    img = torch.rand(2, 3, 37, 21)
+    out = backward_warp(img, torch.zeros(2, 2, 37, 21))
+    assert torch.allclose(out, img, atol=1e-5)
+
+
+def test_backward_warp_integer_shift():
+    img = torch.rand(2, 3, 12, 9)
+    flow = torch.zeros(2, 2, 12, 9)
+    flow[:, 0] = 1.0  # sample one pixel to the right: out[..., x] = img[..., x + 1]
+    out = backward_warp(img, flow)
+    assert torch.allclose(out[..., :-1], img[..., 1:], atol=1e-5)
+    assert torch.allclose(out[..., -1], img[..., -1], atol=1e-5)  # border clamp
+    flow = torch.zeros(2, 2, 12, 9)
+    flow[:, 1] = -1.0  # one pixel up: out[..., y, :] = img[..., y - 1, :]
+    out = backward_warp(img, flow)
+    assert torch.allclose(out[..., 1:, :], img[..., :-1, :], atol=1e-5)
+
+
+# ------------------------------------------------------------------ FlowInterp
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.parametrize("hw", SIZES)
+def test_flow_interp_shape_and_average(levels, hw):
+    net = FlowInterp(features=8, levels=levels)
+    f0, f1 = torch.rand(2, 3, *hw), torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        y = net(f0, f1)
+        same = net(f0, f0)
+    assert y.shape == (2, 3, *hw) and y.dtype == torch.float32
+    assert torch.allclose(y, (f0 + f1) / 2, atol=1e-5)  # fresh net == average
+    assert torch.allclose(same, f0, atol=1e-5)
+
+
+def test_flow_interp_default_average():
+    f0, f1 = torch.rand(1, 3, 37, 21), torch.rand(1, 3, 37, 21)
+    with torch.no_grad():
+        assert torch.allclose(FlowInterp()(f0, f1), (f0 + f1) / 2, atol=1e-5)
+
+
+def test_flow_interp_perturbed_and_grads():
+    net = FlowInterp(features=8, levels=2)
+    perturb(net)
+    f0, f1 = torch.rand(2, 3, 37, 21), torch.rand(2, 3, 37, 21)
+    y = net(f0, f1)
+    assert y.shape == (2, 3, 37, 21) and torch.isfinite(y).all()
+    assert not torch.allclose(y, (f0 + f1) / 2)
+    check_grads(net, y)
+
+
+@pytest.mark.parametrize("kwargs", [{"features": 0}, {"levels": 0}])
+def test_flow_interp_bad_args(kwargs):
+    with pytest.raises(ValueError):
+        FlowInterp(**kwargs)
+
+
+def test_flow_interp_bad_input():
+    with pytest.raises(ValueError):
+        FlowInterp(features=4, levels=1)(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+# ------------------------------------------------------------ shared properties
+
+
+def test_default_param_counts():
+    assert n_params(RestorerNet()) < 300_000
+    assert n_params(CompactSR()) < 400_000
+    assert n_params(CompactSR(scale=4)) < 400_000
+    assert n_params(FlowInterp()) < 500_000
+
+
+def _small_models():
+    return [
+        (RestorerNet(in_frames=3, features=8, blocks=2), lambda x: (torch.stack([x, x, x], 1),), (3, 37, 21)),
+        (CompactSR(scale=3, features=8, convs=2), lambda x: (x,), (3, 111, 63)),
+        (FlowInterp(features=8, levels=3), lambda x: (x, x.flip(-1)), (3, 37, 21)),
+    ]
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not CUDA, reason="no CUDA")),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="no CUDA")),
+])
+def test_autocast(device, dtype):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 37, 21, device=device)
+    for net, make_inputs, out_chw in _small_models():
+        perturb(net)
+        net = net.to(device)
+        with torch.autocast(device_type=device, dtype=dtype):
+            y = net(*make_inputs(x))
+        assert y.shape == (2, *out_chw) and y.is_floating_point()
+        assert torch.isfinite(y).all()
+        y.float().mean().backward()
+        assert all(p.grad is not None for p in net.parameters())
