@@ -51,11 +51,9 @@ def _shaping(spec: JobSpec) -> dict:
     return spec.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
 
 
-def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, log: Callable[[str], None]) -> None:
-    """List SRC, probe every file on the cluster, write job.json and the plan before any chunk runs."""
-    files = storage.list_files(spec.src)
-    if not files:
-        raise FileNotFoundError(f"no files under {spec.src}")
+def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[str, str]],
+              log: Callable[[str], None]) -> None:
+    """Probe every file on the cluster, write job.json and the plan before any chunk runs."""
     log(f"probing {len(files)} file(s) under {spec.src}")
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
@@ -79,16 +77,21 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
-    connect(address)
     if manifest.has_plan():
         stored = manifest.read_spec()
         if _shaping(stored) != _shaping(spec):
             raise ValueError(f"job {job_id} under {spec.dest} was planned with other options; "
                              "use another --job-id or the same options")
         log(f"resuming job {job_id}")
+        connect(address)
     else:
-        make_plan(spec, job_id, manifest, log)
+        files = storage.list_files(spec.src)  # a wrong SRC fails here, before Ray starts
+        if not files:
+            raise FileNotFoundError(f"no files under {spec.src}")
+        connect(address)
+        make_plan(spec, job_id, manifest, files, log)
     plan = manifest.read_plan().to_pylist()
+    storage.clean_staging(manifest.root)  # leftovers of a run that was killed (a lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
     _, temporal, _ = chain_geometry(parse_chain(spec.chain))
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, temporal, log)

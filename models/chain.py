@@ -112,11 +112,13 @@ def build_step(ref: StepRef, weights: str | None) -> Step:
     if card.get("arch") != info.arch.__name__:
         raise WeightsError(f"weights for '{ref}' are a {card.get('arch')}, but the stage needs a "
                            f"{info.arch.__name__}")
-    net = info.arch(**card.get("args", {}))
-    missing, unexpected = net.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
+    try:
+        net = info.arch(**card.get("args", {}))
+        net.load_state_dict(tensors, strict=True)
+    except (TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
         raise WeightsError(f"weights for '{ref}' do not match {info.arch.__name__}{card.get('args')}: "
-                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+                           f"{detail}") from err
     return Step(ref, info, net.eval())
 
 

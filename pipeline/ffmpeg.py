@@ -221,8 +221,9 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
             if codec == "mov_text":
                 args += [f"-c:s:{i}", "srt"]
     if rotation:
-        # FFmpeg 5.1 turns a `rotate` tag on an output stream into a display matrix (clockwise degrees).
-        args += ["-metadata:s:v:0", f"rotate={(-rotation) % 360}"]
+        # FFmpeg 5.1 turns a `rotate` tag on a stream-copied output into a display matrix whose rotation, as
+        # ffprobe reports it, is the tag's value (checked: 270 -> -90, 180 -> -180).
+        args += ["-metadata:s:v:0", f"rotate={rotation % 360}"]
     if out_format in ("mp4", "mov"):
         args += ["-movflags", "+faststart"]
     args += ["-f", out_format, out_path]

@@ -48,7 +48,7 @@ class VideoInfo(BaseModel):
     color_space: str | None = None
     color_transfer: str | None = None
     color_primaries: str | None = None
-    rotation: int = 0  # counter-clockwise degrees of the display matrix, as ffprobe reports it
+    rotation: int = 0  # the display matrix's rotation as ffprobe reports it, in [0, 360)
     streams: tuple[OtherStream, ...] = ()
     chapters: int = 0
     # Presentation time (s) of each frame in display order; used for seeking, not stored in the manifest.
@@ -100,7 +100,7 @@ def _rotation(stream: dict) -> int:
         if "rotation" in side:
             return int(round(float(side["rotation"]))) % 360
     rotate = (stream.get("tags") or {}).get("rotate")
-    return (-int(rotate)) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
+    return int(rotate) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
 
 
 def _choose_video(streams: list[dict]) -> dict:

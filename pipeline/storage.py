@@ -125,6 +125,14 @@ def staging_dir(near: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clean_staging(uri: str) -> None:
+    """Remove staging folders a killed run left under a local job area (object stores stage in /tmp)."""
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem) and os.path.isdir(path):
+        for folder in Path(path).rglob(".staging-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def publish(local: Path, uri: str) -> None:
     """Move a finished local file to `uri` atomically: readers never see a partial output."""
     fs, path = fs_and_path(uri)

@@ -1,0 +1,43 @@
+"""Bad usage and bad job specs fail before any work starts, with exit status 2 and one clear line."""
+
+from __future__ import annotations
+
+from conftest import make_clip
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_bad_specs_exit_2_and_write_nothing(tmp_path):
+    src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    dest = tmp_path / "out"
+    cases = [
+        (["--chain", "denoise,sr3x"], "unknown stage 'sr3x'"),
+        (["--crf", "60"], "--crf 60 is out of range for h264"),
+        (["--crf", "99"], "crf: Input should be less than or equal to 63"),
+        (["--chain", "sr2x"], "no weights for stage 'sr2x'"),
+        (["--chain", "sr2x:gan", "--models", str(tmp_path / "nowhere")], "no weights for stage 'sr2x:gan'"),
+        (["--chunk-frames", "1"], "chunk_frames"),
+        (["--codec", "mpeg1"], "codec"),
+    ]
+    for extra, message in cases:
+        result = run("restore", str(src), str(dest), *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)
+        assert not dest.exists()
+    result = run("restore", str(src), str(src / "inside"))
+    assert result.exit_code == 2 and "must not be SRC or lie inside it" in " ".join(result.output.split())
+    result = run("restore", str(tmp_path / "missing"), str(dest))
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_status_and_resume_of_a_folder_without_a_job(tmp_path):
+    for command in ("status", "resume"):
+        result = run(command, str(tmp_path))
+        assert result.exit_code == 2 and "no reelmend job" in result.output

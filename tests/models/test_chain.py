@@ -1,0 +1,73 @@
+"""The chain: weights loading (safetensors only), and frame semantics of each stage kind, without Ray."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_weights
+
+from models.chain import check_weights, load_chain
+from models.weights import WeightsError
+
+
+def frames(n=6, h=12, w=16, seed=0, dtype=np.uint8):
+    top = 255 if dtype == np.uint8 else 65535
+    return np.random.default_rng(seed).integers(0, top + 1, (n, h, w, 3), dtype=dtype)
+
+
+def test_identity_is_exact_for_8_and_16_bit():
+    chain = load_chain("identity")
+    for dtype in (np.uint8, np.uint16):
+        x = frames(dtype=dtype)
+        assert np.array_equal(chain.run(x), x)
+
+
+def test_spatial_stages_keep_count_and_scale_size(tmp_path):
+    write_tiny_weights(tmp_path, "denoise", perturb=0.05)
+    write_tiny_weights(tmp_path, "sr4x", perturb=0.05)
+    chain = load_chain("denoise,sr4x", str(tmp_path), batch_frames=4)
+    out = chain.run(frames(n=5, h=9, w=13))  # odd sizes, a partial last batch
+    assert out.shape == (5, 36, 52, 3) and out.dtype == np.uint8
+
+
+def test_interp_frame_semantics(tmp_path):
+    write_tiny_weights(tmp_path, "interp2x", perturb=0.05)
+    x = frames(n=5)
+    out = load_chain("interp2x", str(tmp_path), batch_frames=2).run(x)
+    assert out.shape == (10, 12, 16, 3)
+    assert np.array_equal(out[0::2], x)  # frame 2k is source frame k
+    assert np.array_equal(out[-1], x[-1])  # the last is a copy
+
+
+def test_window_stage_reads_neighbours(tmp_path):
+    write_tiny_weights(tmp_path, "descratch", perturb=0.1)
+    chain = load_chain("descratch", str(tmp_path))
+    x = frames(n=5)
+    y = x.copy()
+    y[3] = 255 - y[3]  # change one frame: its neighbours' outputs change, a frame two away does not
+    a, b = chain.run(x), chain.run(y)
+    assert not np.array_equal(a[2], b[2]) and not np.array_equal(a[4], b[4])
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_missing_weights_are_refused_with_what_to_do(tmp_path):
+    with pytest.raises(WeightsError, match="reelmend train sr2x"):
+        check_weights("identity,sr2x:gan", str(tmp_path))
+    check_weights("identity")  # no model, nothing to load
+
+
+def test_pickled_or_mismatched_checkpoints_are_refused(tmp_path):
+    write_tiny_weights(tmp_path, "denoise")
+    # Replace the tensors by a pickle (what torch.save writes): loading must refuse it, never unpickle.
+    payload = pickle.dumps({"weight": torch.zeros(3)})
+    (tmp_path / "denoise.safetensors").write_bytes(payload)
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
+        load_chain("denoise", str(tmp_path))
+    write_tiny_weights(tmp_path, "sr2x")
+    (tmp_path / "sr4x.safetensors").write_bytes((tmp_path / "sr2x.safetensors").read_bytes())
+    (tmp_path / "sr4x.json").write_text((tmp_path / "sr2x.json").read_text().replace('"scale": 2', '"scale": 4'))
+    with pytest.raises(WeightsError, match="do not match"):
+        load_chain("sr4x", str(tmp_path))
