@@ -179,6 +179,22 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def bench(
+    what: Annotated[str, typer.Argument(help="What to measure: memory.")] = "memory",
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+    seconds: Annotated[int, typer.Option(help="Length of the 1x input in seconds.")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure the pipeline (JSON out): `memory` compares peak job memory for a 10x longer input."""
+    from jobs.bench import bench_memory
+
+    if what != "memory":
+        _fail(ValueError(f"unknown benchmark '{what}'; available: memory"), EXIT_USAGE, verbose)
+    result = _guarded(lambda: bench_memory(json_out, seconds=seconds), verbose)
+    out.print_json(json.dumps(result))
+
+
 def main() -> None:
     try:
         app()

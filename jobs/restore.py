@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from models.chain import chain_geometry, check_weights, parse_chain
 from pipeline import storage
 from pipeline.config import JobSpec
-from pipeline.manifest import EventWriter, Manifest
+from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
 from pipeline.probe import VideoInfo
+from pipeline.schema import TASK_FIELDS
 from pipeline.run import connect, probe_all, restore_dataset, stitch_all
+
+NO_EVENTS = ChunkState("pending")
 
 # Chunks per Ray Data pass: bounds the driver's and Ray Data's bookkeeping for archives of any size.
 WAVE = 2000
@@ -93,8 +96,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     plan = manifest.read_plan().to_pylist()
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (a lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
-    _, temporal, _ = chain_geometry(parse_chain(spec.chain))
-    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, temporal, log)
+    scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
+    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, log)
     _stitch_ready(spec, manifest, plan, temporal, log)
     result.videos = summarize(manifest, plan, spec.max_attempts)
     result.seconds = time.monotonic() - started
@@ -109,7 +112,7 @@ def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[d
         key = (row["video_id"], row["chunk_index"])
         if row["chunk_index"] < 0 or row["video_id"] in exhausted:
             continue
-        if (states.get((row["video_id"], -1)) or _NONE).status == "done":
+        if states.get((row["video_id"], -1), NO_EVENTS).status == "done":
             continue  # already stitched
         state = states.get(key)
         if state is None or state.status != "done":
@@ -117,7 +120,7 @@ def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[d
     return todo
 
 
-def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,
+def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int, temporal: int,
                 log: Callable[[str], None]) -> tuple[int, int]:
     chunks = frames = 0
     while todo := _runnable(plan, manifest, spec.max_attempts):
@@ -125,9 +128,9 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: i
         log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
-        tasks = [{k: t[k] for k in TASK_KEYS} for t in wave]
+        tasks = [{k: t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
         writer = EventWriter(manifest)
-        for row in restore_dataset(tasks, spec, temporal, manifest.segments_root).iter_rows():
+        for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root).iter_rows():
             ok = not row["error_kind"]
             writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
                         "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
@@ -144,10 +147,6 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: i
     return chunks, frames
 
 
-TASK_KEYS = ("video_id", "source_uri", "chunk_index", "frame_start", "frame_end", "decode_start", "decode_end",
-             "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json", "attempt")
-
-
 def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,
                   log: Callable[[str], None]) -> None:
     for _ in range(spec.max_attempts):
@@ -161,18 +160,19 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
             video_state = states.get((vid, -1))
             if video_state and (video_state.status == "done" or video_state.failures >= spec.max_attempts):
                 continue
-            chunk_states = [states.get((vid, r["chunk_index"])) for r in rows]
-            if not all(s and s.status == "done" for s in chunk_states):
+            rows.sort(key=lambda r: r["chunk_index"])
+            chunk_states = [states.get((vid, r["chunk_index"]), NO_EVENTS) for r in rows]
+            if any(s.status != "done" for s in chunk_states):
                 continue
             first = rows[0]
             jobs[vid] = {"source_uri": first["source_uri"], "output_uri": first["output_uri"],
                          "out_format": first["out_format"], "probe_json": first["probe_json"],
-                         "segments": [s.segment_uri for s in sorted_by_chunk(rows, chunk_states)],
+                         "segments": [s.segment_uri for s in chunk_states],
                          "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root}
         if not jobs:
             return
         log(f"stitching {len(jobs)} video(s)")
-        failures = {vid: (states.get((vid, -1)) or _NONE).failures for vid in jobs}
+        failures = {vid: states.get((vid, -1), NO_EVENTS).failures for vid in jobs}
         events = []
         for vid, outcome in stitch_all(jobs):
             ok = isinstance(outcome, int)
@@ -186,18 +186,6 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
             else:
                 log(f"stitching {jobs[vid]['output_uri']} failed: {outcome}")
         manifest.append_events(events)
-
-
-def sorted_by_chunk(rows: list[dict], states: list) -> list:
-    return [s for _, s in sorted(zip((r["chunk_index"] for r in rows), states), key=lambda p: p[0])]
-
-
-class _None:
-    status = ""
-    failures = 0
-
-
-_NONE = _None()
 
 
 def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[VideoResult]:

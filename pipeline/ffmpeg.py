@@ -206,20 +206,26 @@ def concat_list(paths: list[str]) -> str:
 
 
 def stitch(list_file: str, source: str, out_path: str, *, source_video_index: int, out_format: str,
-           rotation: int, subtitle_codecs: list[str], frames: int, pixels: int) -> None:
-    """Concatenate the segments (stream copy) and take every audio and subtitle stream (and, in Matroska, the
-    attachments), the chapters and the metadata from the source, without re-encoding them. The one exception:
-    MP4's mov_text subtitles have no Matroska mapping, so they become SubRip text when the output is .mkv."""
+           rotation: int, streams: list[tuple[int, str, str]], frames: int, pixels: int) -> None:
+    """Concatenate the segments (stream copy) and take the source's other streams (`streams`: index, kind,
+    codec of each audio, subtitle and, in Matroska, attachment stream), its chapters and its metadata
+    (global and per stream), without re-encoding. The one exception: MP4's mov_text subtitles have no
+    Matroska mapping, so they become SubRip text when the output is .mkv."""
     args = [*BASE, "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,http,https,tcp,tls,crypto",
-            "-i", list_file, "-i", source, "-map", "0:v:0", "-map", "1:a?", "-map", "1:s?"]
+            "-i", list_file, "-i", source, "-map", "0:v:0"]
+    kept = [(i, kind, codec) for i, kind, codec in streams
+            if kind in ("audio", "subtitle") or kind == "attachment" and out_format == "matroska"]
+    for index, _, _ in kept:
+        args += ["-map", f"1:{index}"]
+    # Naming any stream's metadata source turns FFmpeg's automatic per-stream copy off: name them all.
+    args += ["-map_metadata", "1", "-map_chapters", "1", "-map_metadata:s:0", f"1:s:{source_video_index}"]
+    for out_index, (index, _, _) in enumerate(kept, start=1):
+        args += [f"-map_metadata:s:{out_index}", f"1:s:{index}"]
+    args += ["-c", "copy"]
     if out_format == "matroska":
-        args += ["-map", "1:t?"]
-    args += ["-map_metadata", "1", "-map_chapters", "1", "-map_metadata:s:0", f"1:s:{source_video_index}",
-             "-c", "copy"]
-    if out_format == "matroska":
-        for i, codec in enumerate(subtitle_codecs):
-            if codec == "mov_text":
-                args += [f"-c:s:{i}", "srt"]
+        for out_index, (_, kind, codec) in enumerate(kept, start=1):
+            if kind == "subtitle" and codec == "mov_text":
+                args += [f"-c:{out_index}", "srt"]
     if rotation:
         # FFmpeg 5.1 turns a `rotate` tag on a stream-copied output into a display matrix whose rotation, as
         # ffprobe reports it, is the tag's value (checked: 270 -> -90, 180 -> -180).

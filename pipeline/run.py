@@ -15,6 +15,10 @@ from pipeline.stages import RestoreStage, decode_chunk, encode_chunk
 from pipeline.stitch import stitch_video
 
 
+# What a Ray worker process holding Python, NumPy and FFmpeg's pipes uses before any frame (measured ~250 MB).
+WORKER_BASE_BYTES = 256 * 2**20
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
     An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
@@ -49,7 +53,8 @@ def probe_all(uris: list[str]) -> Iterator[tuple[str, VideoInfo | str]]:
         yield uri, ray.get(ref)
 
 
-def restore_dataset(tasks: list[dict], spec: JobSpec, temporal: int, segments_root: str) -> ray.data.Dataset:
+def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
+                    segments_root: str) -> ray.data.Dataset:
     """decode -> restore -> encode over the given chunk rows; each output row is a chunk's result (no frames).
 
     One chunk per block and per batch: chunks of different videos differ in size and bit depth, and a chunk
@@ -61,9 +66,15 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, temporal: int, segments_ro
     # task stage into the next actor stage when their resources are equal, which would serialise the two.)
     decode_bytes = max((t["decode_end"] - t["decode_start"]) * t["width"] * t["height"] * 3
                        * (2 if t["bit_depth"] > 8 else 1) for t in tasks)
+    # Frames in flight are bounded by a few chunks per restore actor, not by the length of the archive: left
+    # alone, Ray Data lets fast decoders run ahead into a large share of the object store.
+    chunk_bytes = decode_bytes * (1 + scale * scale * temporal)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=max(256 * 2**20, 2 * chunk_bytes * (res.restore_actors_max + 2)))
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
-    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=2 * decode_bytes)
+    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=WORKER_BASE_BYTES + 2 * decode_bytes)
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
     ds = ds.map_batches(
         RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models,

@@ -13,7 +13,7 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
                  expected_frames: int, staging_near: str) -> int:
     """Returns the output's frame count; raises (FFmpegError, RuntimeError) with a one-line reason."""
     info = VideoInfo.model_validate_json(probe_json)
-    subtitle_codecs = [s.codec or "" for s in info.streams if s.kind == "subtitle"]
+    streams = [(s.index, s.kind, s.codec or "") for s in info.streams]
     with storage.staging_dir(staging_near) as tmp, contextlib.ExitStack() as stack:
         inputs = [stack.enter_context(storage.ffmpeg_input(uri, stage_in=tmp)) for uri in segments]
         list_file = tmp / "segments.ffconcat"
@@ -21,7 +21,7 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
         source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp))
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,
-                      out_format=out_format, rotation=info.rotation, subtitle_codecs=subtitle_codecs,
+                      out_format=out_format, rotation=info.rotation, streams=streams,
                       frames=expected_frames, pixels=info.width * info.height)
         got = probe(str(out)).n_frames
         if got != expected_frames:

@@ -44,6 +44,15 @@ def archive(tmp_path_factory, clips, ray_address):
     make_clip(src / "deep" / "ten-bit.mkv", size="64x48", frames=30,
               extra=("-c:v", "libx264", "-pix_fmt", "yuv420p10le", "-crf", "10"))
     (src / "notes.txt").write_text("not a video\n")
+    # subtitles, chapters and global metadata that must survive the restore untouched
+    work = src.parent / "work"
+    make_clip(work / "clip.mkv", size="64x48", frames=50, extra=("-c:v", "ffv1"))
+    (work / "subs.srt").write_text("1\n00:00:00,500 --> 00:00:01,500\nHello archive\n")
+    (work / "meta.txt").write_text(";FFMETADATA1\ntitle=Reel 7\n[CHAPTER]\nTIMEBASE=1/1000\nSTART=0\nEND=1000\n"
+                                   "title=Opening\n[CHAPTER]\nTIMEBASE=1/1000\nSTART=1000\nEND=2000\ntitle=End\n")
+    ffmpeg("-i", str(work / "clip.mkv"), "-i", str(work / "subs.srt"), "-i", str(work / "meta.txt"),
+           "-map", "0", "-map", "1", "-map_metadata", "2", "-map_chapters", "2", "-c", "copy",
+           "-metadata:s:s:0", "language=fra", str(src / "with subtitles.mkv"))
     dest = src.parent / "restored"
     result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "30")
     return src, dest, result
@@ -67,6 +76,19 @@ def test_audio_is_copied_packet_for_packet_and_duration_holds(archive):
     s, r = probe_stream(source, "duration,nb_read_packets"), probe_stream(restored, "nb_read_packets")
     assert int(r["nb_read_packets"]) == int(s["nb_read_packets"])
     assert abs(duration(restored) - duration(source)) <= 1 / 25  # within one frame
+
+
+def test_subtitles_chapters_and_metadata_are_kept(archive):
+    src, dest, _ = archive
+    show = ["ffprobe", "-v", "error", "-show_chapters", "-show_streams", "-show_format", "-of", "json"]
+    a, b = (json.loads(subprocess.run([*show, str(d / "with subtitles.mkv")], capture_output=True, text=True,
+                                      check=True).stdout) for d in (src, dest))
+    assert [c["tags"]["title"] for c in b["chapters"]] == ["Opening", "End"]
+    assert b["format"]["tags"]["title"] == "Reel 7"
+    subs = [s for s in b["streams"] if s["codec_type"] == "subtitle"]
+    assert len(subs) == 1 and subs[0]["tags"]["language"] == "fra"
+    assert stream_hashes(dest / "with subtitles.mkv", "0:s") == stream_hashes(src / "with subtitles.mkv", "0:s")
+    assert len(a["chapters"]) == 2
 
 
 def test_ten_bit_source_stays_ten_bit(archive):
@@ -101,7 +123,8 @@ def test_status_names_the_failed_input_with_its_reason(archive):
     videos = {v["path"]: v for v in json.loads(result.output)["videos"]}
     assert videos["notes.txt"]["status"] == "failed"
     assert "not a readable media file" in videos["notes.txt"]["reason"] or "no decodable" in videos["notes.txt"]["reason"]
-    assert {videos[p]["status"] for p in ("street/bikes.mp4", "bunny with spaces.mp4", "deep/ten-bit.mkv")} == {"done"}
+    assert {videos[p]["status"] for p in ("street/bikes.mp4", "bunny with spaces.mp4", "deep/ten-bit.mkv",
+                                          "with subtitles.mkv")} == {"done"}
 
 
 def test_rerun_resumes_and_redoes_nothing(archive):
