@@ -127,7 +127,6 @@ def probe(src: str) -> VideoInfo:
     if width * height > 16384 * 16384 or width > 32768 or height > 32768:
         raise ProbeError(f"declared frame size {width}x{height} is beyond what reelmend restores")
     duration = float(fmt.get("duration") or video.get("duration") or 0.0)
-    pixels = width * height
     times, _ = ffmpeg.packet_times(src, int(video["index"]),
                                    timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 0.0))
     n_frames = len(times)
@@ -142,7 +141,9 @@ def probe(src: str) -> VideoInfo:
     else:
         raise ProbeError("the video stream has neither timestamps nor a frame rate")
     steps = [b - a for a, b in zip(times_sorted, times_sorted[1:])]
-    vfr = bool(steps) and (max(steps) - min(steps)) > 0.5 * (sum(steps) / len(steps)) * 0.1
+    # Variable rate: frame spacing varies by more than 5% of the mean (millisecond-rounded timestamps of
+    # 29.97 fps in Matroska vary by 3%, and are constant-rate).
+    vfr = bool(steps) and (max(steps) - min(steps)) > 0.05 * (sum(steps) / len(steps))
     nominal = _fraction(video.get("r_frame_rate"))
     if not vfr and nominal and steps and abs(float(1 / nominal) - sum(steps) / len(steps)) < 1e-3:
         fps = nominal
