@@ -130,20 +130,22 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
         tasks = [{k: t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
         writer = EventWriter(manifest)
-        for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root).iter_rows():
-            ok = not row["error_kind"]
-            writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
-                        "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
-                        "error_kind": row["error_kind"] or None, "error_message": row["error_message"] or None,
-                        "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
-                        "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
-                        "worker": row["worker"]})
-            chunks += 1
-            frames += int(row["frames_in"]) if ok else 0
-            if not ok:
-                log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
-                    f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
-        writer.flush()
+        try:  # whatever happens, results already back are committed
+            for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root).iter_rows():
+                ok = not row["error_kind"]
+                writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
+                            "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
+                            "error_kind": row["error_kind"] or None, "error_message": row["error_message"] or None,
+                            "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
+                            "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
+                            "worker": row["worker"]})
+                chunks += 1
+                frames += int(row["frames_in"]) if ok else 0
+                if not ok:
+                    log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
+                        f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
+        finally:
+            writer.flush()
     return chunks, frames
 
 
