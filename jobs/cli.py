@@ -145,6 +145,60 @@ def status(
     raise typer.Exit(EXIT_OK if all(v["status"] == "done" for v in info["videos"]) else EXIT_PARTIAL)
 
 
+@app.command()
+def train(
+    stage: Annotated[str, typer.Argument(help="The stage to train: denoise, deblock, descratch, sr2x, sr4x, interp2x.")],
+    data: Annotated[str, typer.Option(help="Clean videos and images (local path, s3://, ...).")],
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Weights folder to write (default: runs/STAGE).")] = None,
+    workers: Annotated[int, typer.Option(help="Training workers (DDP ranks).")] = 2,
+    gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
+    steps: Annotated[int, typer.Option(help="Fidelity (pixel loss) steps.")] = 2000,
+    gan_steps: Annotated[int, typer.Option(help="GAN fine-tuning steps after the fidelity phase.")] = 1000,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint.")] = False,
+    arch: Annotated[Optional[str], typer.Option(help="Generator architecture, e.g. RRDBNet for sr on GPUs.")] = None,
+    arch_args: Annotated[Optional[str], typer.Option(help='Architecture arguments as JSON, e.g. \'{"features": 32}\'.')] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this folder's fidelity weights.")] = None,
+    batch: Annotated[int, typer.Option(help="Clips per worker per step.")] = 8,
+    patch: Annotated[int, typer.Option(help="Side of the clean training patch in pixels.")] = 96,
+    lr: Annotated[float, typer.Option(help="Generator learning rate, fidelity phase.")] = 2e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
+    source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
+    pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
+    worker_cpus: Annotated[Optional[float], typer.Option(help="CPUs per worker (default: leave one for data).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initial weights and samples.")] = 0,
+    data_licence: Annotated[Optional[str], typer.Option(help="Licence of the data, for the model card.")] = None,
+    fail_at_step: Annotated[Optional[int], typer.Option(hidden=True, help="Fault drill: kill a worker.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+) -> None:
+    """Train a stage on Ray Train (fidelity, then GAN fine-tuning) and export its weights to OUT."""
+    import shlex
+
+    from jobs.train import run_training
+    from jobs.train_config import TrainSpec
+
+    def go():
+        try:
+            parsed_args = json.loads(arch_args) if arch_args else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--arch-args is not JSON: {err}") from err
+        spec = TrainSpec(stage=stage, data=data, out=out_dir or f"runs/{stage}", workers=workers, gpu=gpu, steps=steps,
+                         gan_steps=gan_steps, resume=resume, arch=arch, arch_args=parsed_args, init=init,
+                         batch=batch, patch=patch, lr=lr, checkpoint_every=checkpoint_every,
+                         source_scale=source_scale, pool_clips=pool_clips, worker_cpus=worker_cpus, seed=seed,
+                         data_licence=data_licence, fail_at_step=fail_at_step,
+                         command=shlex.join(["reelmend", *sys.argv[1:]]))
+        return run_training(spec, address=address, log=lambda m: console.print(m, markup=False))
+
+    result = _guarded(go, verbose)
+    for uri in result.weights:
+        out.print(f"wrote {uri}", soft_wrap=True)
+    m = result.metrics
+    if "val_psnr" in m:
+        out.print(f"validation PSNR {m['val_psnr']:.2f} dB (baseline {m['val_psnr_baseline']:.2f} dB) after "
+                  f"{m['step']} steps in {result.seconds:.0f} s; restore with --models {result.out}")
+
+
 @app.command("models")
 def list_models() -> None:
     """The shipped models and their cards."""

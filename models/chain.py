@@ -5,6 +5,9 @@ factor, neighbour frames) is known here.
 
 Frame semantics (DESIGN.md): spatial stages map N -> N frames; `descratch` reads `radius` neighbours each side;
 `interp2x` maps N -> 2N with frame 2k = source k, 2k+1 = midpoint(k, k+1), and the last frame a copy.
+
+Frames too large for one forward pass are cut into overlapping tiles whose outputs are blended with linear ramps
+over the overlap (the tiling of Real-ESRGAN's inference script, with feathering instead of hard seams).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from models.compact_sr import CompactSR
 from models.flow_interp import FlowInterp
 from models.restorer_net import RestorerNet
+from models.rrdb_sr import RRDBNet
 from models.weights import SHIPPED, WeightsError, load_state
 
 FLAVOURS = ("fidelity", "gan")
@@ -27,13 +31,22 @@ FLAVOURS = ("fidelity", "gan")
 
 @dataclass(frozen=True)
 class StageInfo:
-    """What a stage does to frames, and which architecture backs it (None: no model)."""
+    """What a stage does to frames, and which architectures back it (None: no model).
+
+    `arch` is the default (what `reelmend train` builds and what ships); `alternatives` are other architectures
+    with the same tensor contract that a weights card may name, e.g. the larger RRDBNet for GPU clusters.
+    """
 
     arch: type[nn.Module] | None
     default_args: dict[str, Any] = field(default_factory=dict)
     scale: int = 1
     temporal_factor: int = 1
     radius: int = 0  # neighbour frames read on each side (windowed temporal stages)
+    alternatives: tuple[type[nn.Module], ...] = ()
+
+    @property
+    def archs(self) -> dict[str, type[nn.Module]]:
+        return {a.__name__: a for a in (self.arch, *self.alternatives) if a is not None}
 
     @property
     def is_interp(self) -> bool:
@@ -45,8 +58,8 @@ STAGES: dict[str, StageInfo] = {
     "denoise": StageInfo(RestorerNet, {"in_frames": 1}),
     "deblock": StageInfo(RestorerNet, {"in_frames": 1}),
     "descratch": StageInfo(RestorerNet, {"in_frames": 3}, radius=1),
-    "sr2x": StageInfo(CompactSR, {"scale": 2}, scale=2),
-    "sr4x": StageInfo(CompactSR, {"scale": 4}, scale=4),
+    "sr2x": StageInfo(CompactSR, {"scale": 2}, scale=2, alternatives=(RRDBNet,)),
+    "sr4x": StageInfo(CompactSR, {"scale": 4}, scale=4, alternatives=(RRDBNet,)),
     "interp2x": StageInfo(FlowInterp, {}, temporal_factor=2),
 }
 
@@ -109,15 +122,16 @@ def build_step(ref: StepRef, weights: str | None) -> Step:
     if info.arch is None:
         return Step(ref, info, None)
     tensors, card = load_state(weights or str(SHIPPED), ref.stage, ref.flavour)
-    if card.get("arch") != info.arch.__name__:
-        raise WeightsError(f"weights for '{ref}' are a {card.get('arch')}, but the stage needs a "
-                           f"{info.arch.__name__}")
+    arch = info.archs.get(card.get("arch"))
+    if arch is None:
+        raise WeightsError(f"weights for '{ref}' are a {card.get('arch')}, but the stage takes one of: "
+                           f"{', '.join(info.archs)}")
     try:
-        net = info.arch(**card.get("args", {}))
+        net = arch(**card.get("args", {}))
         net.load_state_dict(tensors, strict=True)
     except (TypeError, ValueError, RuntimeError) as err:
         detail = " ".join(str(err).split())[:300]
-        raise WeightsError(f"weights for '{ref}' do not match {info.arch.__name__}{card.get('args')}: "
+        raise WeightsError(f"weights for '{ref}' do not match {arch.__name__}{card.get('args')}: "
                            f"{detail}") from err
     return Step(ref, info, net.eval())
 
@@ -125,10 +139,14 @@ def build_step(ref: StepRef, weights: str | None) -> Step:
 class Chain:
     """An ordered list of loaded steps that runs over a window of frames (uint8 or uint16 NHWC numpy)."""
 
-    def __init__(self, steps: list[Step], device: torch.device | None = None, batch_frames: int | None = None):
+    def __init__(self, steps: list[Step], device: torch.device | None = None, batch_frames: int | None = None,
+                 tile: int | None = None, tile_overlap: int = 32):
         self.steps = steps
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_frames = batch_frames
+        # Tile side in input pixels; None: only when one frame alone exceeds the per-forward pixel budget.
+        self.tile = tile
+        self.tile_overlap = tile_overlap
         for step in steps:
             if step.net is not None:
                 step.net.to(self.device)
@@ -142,12 +160,23 @@ class Chain:
     def __str__(self) -> str:
         return ",".join(str(s.ref) for s in self.steps)
 
-    def _batch(self, height: int, width: int) -> int:
+    @property
+    def _pixel_budget(self) -> float:
+        # Bound activation memory by output pixels per forward: ~2 MP on CPU (cache friendly), ~32 MP on a GPU.
+        return 32e6 if self.device.type == "cuda" else 2e6
+
+    def _batch(self, height: int, width: int, scale: int) -> int:
         if self.batch_frames:
             return self.batch_frames
-        # Bound activation memory by pixels per forward: ~2 MP on CPU (cache friendly), ~32 MP on a GPU.
-        budget = 32e6 if self.device.type == "cuda" else 2e6
-        return max(1, int(budget // (height * width * self.scale * self.scale)))
+        return max(1, int(self._pixel_budget // (height * width * scale * scale)))
+
+    def _tile_for(self, height: int, width: int, scale: int) -> int | None:
+        """The tile side for a frame of this size, or None when it runs whole."""
+        if self.tile:
+            return self.tile if max(height, width) > self.tile else None
+        if height * width * scale * scale <= self._pixel_budget:
+            return None
+        return max(2 * self.tile_overlap + 16, int(math.sqrt(self._pixel_budget) / scale))
 
     @torch.inference_mode()
     def run(self, frames: np.ndarray) -> np.ndarray:
@@ -172,12 +201,12 @@ class Chain:
             return _requantize(x, dtype)
         s, t = info.scale, info.temporal_factor
         out = np.empty((n * t, h * s, w * s, 3), dtype=dtype)
-        b = self._batch(h, w)
+        b = self._batch(h, w, s)
         if info.is_interp:
             out[0::2] = _requantize(x, dtype)
             for i in range(0, n - 1, b):
                 j = min(i + b, n - 1)
-                mid = self._forward(step.net, self._to_tensor(x[i:j]), self._to_tensor(x[i + 1:j + 1]))
+                mid = self._forward(step.net, s, self._to_tensor(x[i:j]), self._to_tensor(x[i + 1:j + 1]))
                 out[2 * i + 1:2 * j + 1:2] = self._to_numpy(mid, dtype)
             out[-1] = out[-2]  # the last frame has no successor: a copy (DESIGN.md)
             return out
@@ -194,10 +223,17 @@ class Chain:
                 batch = self._to_tensor(x[i:j])
                 if isinstance(step.net, RestorerNet):
                     batch = batch.unsqueeze(1)  # (B, 1, 3, H, W): a one-frame window
-            out[i:j] = self._to_numpy(self._forward(step.net, batch), dtype)
+            out[i:j] = self._to_numpy(self._forward(step.net, s, batch), dtype)
         return out
 
-    def _forward(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, net: nn.Module, scale: int, *inputs: torch.Tensor) -> torch.Tensor:
+        h, w = inputs[0].shape[-2:]
+        tile = self._tile_for(h, w, scale)
+        if tile is None:
+            return self._net(net, *inputs)
+        return run_tiled(lambda *xs: self._net(net, *xs), inputs, scale, tile, self.tile_overlap)
+
+    def _net(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         if self.autocast_dtype is None:
             return net(*inputs)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
@@ -215,6 +251,56 @@ class Chain:
         return y.to(torch.int32).cpu().numpy().astype(dtype)
 
 
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, size): stride tile - overlap, the last tile flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, fade_in: int, fade_out: int) -> torch.Tensor:
+    """1-D blending weight: rises linearly over `fade_in` samples, falls over `fade_out`, 1 in between."""
+    w = torch.ones(length)
+    if fade_in:
+        w[:fade_in] = torch.arange(1, fade_in + 1) / (fade_in + 1)
+    if fade_out:
+        w[length - fade_out:] = torch.minimum(w[length - fade_out:], torch.arange(fade_out, 0, -1) / (fade_out + 1))
+    return w
+
+
+def run_tiled(fn, inputs: tuple[torch.Tensor, ...], scale: int, tile: int, overlap: int) -> torch.Tensor:
+    """Apply `fn` to overlapping tiles of `inputs` (same trailing H, W) and blend the outputs.
+
+    Each output tile is weighted by linear ramps over the parts it shares with a neighbour, so the seams a
+    network's border effects would leave fade out; edges of the frame keep full weight. Memory is one tile's
+    activations plus the output.
+    """
+    h, w = inputs[0].shape[-2:]
+    overlap = min(overlap, tile // 2)
+    out = weight = None
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    for y0 in ys:
+        for x0 in xs:
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            y = fn(*(t[..., y0:y1, x0:x1] for t in inputs))
+            if out is None:
+                out = y.new_zeros(*y.shape[:-2], h * scale, w * scale)
+                weight = y.new_zeros(h * scale, w * scale)
+            # Fade only where the neighbouring tile overlaps this one (its real overlap, which the flush last
+            # tile makes larger than `overlap`).
+            top = (ys[ys.index(y0) - 1] + tile - y0) if y0 > 0 else 0
+            left = (xs[xs.index(x0) - 1] + tile - x0) if x0 > 0 else 0
+            bottom = overlap if y1 < h else 0
+            right = overlap if x1 < w else 0
+            wy = _ramp((y1 - y0) * scale, min(top, y1 - y0) * scale, bottom * scale)
+            wx = _ramp((x1 - x0) * scale, min(left, x1 - x0) * scale, right * scale)
+            wt = (wy[:, None] * wx[None, :]).to(y.device, y.dtype)
+            out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] += y * wt
+            weight[y0 * scale:y1 * scale, x0 * scale:x1 * scale] += wt
+    return out / weight
+
+
 def _requantize(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Exact between 8 and 16 bit: 65535 = 255 * 257."""
     if x.dtype == dtype:
@@ -225,9 +311,10 @@ def _requantize(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def load_chain(steps: str | tuple[str, ...] | list[str], weights: str | None = None,
-               device: torch.device | None = None, batch_frames: int | None = None) -> Chain:
+               device: torch.device | None = None, batch_frames: int | None = None,
+               tile: int | None = None) -> Chain:
     """Build a runnable chain; `weights` is a folder URI (None: the shipped weights)."""
-    return Chain([build_step(ref, weights) for ref in parse_chain(steps)], device, batch_frames)
+    return Chain([build_step(ref, weights) for ref in parse_chain(steps)], device, batch_frames, tile)
 
 
 def check_weights(steps: str | tuple[str, ...] | list[str], weights: str | None = None) -> None:

@@ -234,3 +234,51 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
         args += ["-movflags", "+faststart"]
     args += ["-f", out_format, out_path]
     run(args, timeout=work_timeout(frames, pixels, seconds_per_mpx=0.05), what="stitching failed")
+
+
+# -- training degradations ----------------------------------------------------------------------------------
+
+# Codec name -> encoder options. Both encode 4:2:0, as delivered H.264 and DVD/broadcast MPEG-2 are. No x264
+# `-tune`: its defaults (psychovisual RD on) are what real uploads and mezzanines were encoded with.
+# `-threads 1`: x264's output depends on its thread count (frame threads change the lookahead and rate
+# control), so one thread makes a training pair the same on every machine; the clips are tiny anyway.
+_ROUNDTRIP_ENCODERS = {
+    "h264": lambda q: ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(q)],
+    "mpeg2": lambda q: ["-c:v", "mpeg2video", "-q:v", str(q)],
+}
+# The encoders clamp out-of-range values silently; a recipe asking for one is a bug worth hearing about.
+_ROUNDTRIP_QUALITY = {"h264": (0, 51), "mpeg2": (1, 31)}
+
+
+def codec_roundtrip(frames: np.ndarray, codec: str, quality: int, timeout: float | None = None) -> np.ndarray:
+    """Encode a (T, H, W, 3) uint8 RGB clip with a real codec and decode it back: the compression artifacts
+    a training pair needs (blocking, ringing, mosquito noise, motion-compensated smearing across frames).
+
+    `codec` is "h264" (libx264, `quality` is the CRF, 0..51) or "mpeg2" (mpeg2video, `quality` is the fixed
+    quantiser -q:v, 1..31). The stream goes through pipes in NUT (no file is written). 4:2:0 needs even
+    sizes, so an odd edge is padded by replicating its last row/column and cropped off again."""
+    if codec not in _ROUNDTRIP_ENCODERS:
+        raise ValueError(f"codec_roundtrip: unknown codec {codec!r}; expected one of "
+                         f"{sorted(_ROUNDTRIP_ENCODERS)}")
+    low, high = _ROUNDTRIP_QUALITY[codec]
+    if not low <= quality <= high:
+        raise ValueError(f"codec_roundtrip: {codec} quality {quality} is outside {low}..{high}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"codec_roundtrip: expected a (T, H, W, 3) uint8 clip, got {frames.shape} {frames.dtype}")
+    n, h, w, _ = frames.shape
+    padded = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    ph, pw = padded.shape[1:3]
+    if timeout is None:
+        timeout = work_timeout(n, ph * pw, seconds_per_mpx=4.0)
+    swscale = "scale=flags=accurate_rnd+full_chroma_int"
+    encode = [*BASE, "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{pw}x{ph}", "-framerate", "25",
+              "-i", "pipe:0", "-vf", swscale, "-pix_fmt", "yuv420p", *_ROUNDTRIP_ENCODERS[codec](quality),
+              "-threads", "1", "-f", "nut", "pipe:1"]
+    stream = run(encode, stdin=memoryview(np.ascontiguousarray(padded).reshape(-1)).cast("B"), timeout=timeout,
+                 what=f"{codec} encode of a {w}x{h} training clip at quality {quality} failed")
+    decoded = np.empty_like(padded)
+    decode = [*BASE, "-f", "nut", "-i", "pipe:0", "-fps_mode", "passthrough", "-vf", swscale,
+              "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]
+    run(decode, stdin=stream, stdout_into=decoded, timeout=timeout,
+        what=f"decoding the {codec} training clip failed")
+    return np.ascontiguousarray(decoded[:, :h, :w])

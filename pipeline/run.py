@@ -19,16 +19,17 @@ from pipeline.stitch import stitch_video
 WORKER_BASE_BYTES = 256 * 2**20
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, worker_logs: bool = False) -> None:
     """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
-    An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
+    An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection.
+    `worker_logs` forwards workers' prints to this process (training reports its losses that way)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None and "RAY_ADDRESS" not in os.environ:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(include_dashboard=False, log_to_driver=worker_logs, configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, log_to_driver=worker_logs, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

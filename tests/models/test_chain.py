@@ -71,3 +71,55 @@ def test_pickled_or_mismatched_checkpoints_are_refused(tmp_path):
     (tmp_path / "sr4x.json").write_text((tmp_path / "sr2x.json").read_text().replace('"scale": 2', '"scale": 4'))
     with pytest.raises(WeightsError, match="do not match"):
         load_chain("sr4x", str(tmp_path))
+
+
+class _Trap:
+    """Unpickling this runs code (creates a file): the test proves loading never unpickles."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_malicious_pickle_is_refused_without_running(tmp_path):
+    write_tiny_weights(tmp_path, "sr2x")
+    marker = tmp_path / "pwned"
+    (tmp_path / "sr2x.safetensors").write_bytes(pickle.dumps({"conv.weight": _Trap(marker)}))
+    with pytest.raises(WeightsError, match="refuses pickled"):
+        load_chain("sr2x", str(tmp_path))
+    assert not marker.exists()
+
+
+def _real_frame(clips, n=2):
+    from conftest import decode
+
+    return np.ascontiguousarray(decode(clips / "bikes.mp4")[40:40 + n, :200, 100:420])  # 320x200, real detail
+
+
+@pytest.mark.parametrize("stage", ["denoise", "sr2x", "interp2x"])
+def test_tiled_inference_matches_whole_frame(tmp_path, clips, stage):
+    from conftest import psnr
+
+    write_tiny_weights(tmp_path, stage, perturb=0.05)
+    x = _real_frame(clips)
+    whole = load_chain(stage, str(tmp_path)).run(x)
+    tiled_chain = load_chain(stage, str(tmp_path), tile=64)
+    tiled = tiled_chain.run(x)
+    assert tiled.shape == whole.shape
+    assert psnr(tiled, whole) > 40.0  # blended seams: far below what an eye sees
+    # a hard-seamed tiling (no overlap) is measurably worse: the blend is doing the work
+    tiled_chain.tile_overlap = 0
+    if stage != "interp2x":
+        assert psnr(tiled_chain.run(x), whole) < psnr(tiled, whole)
+
+
+def test_tiling_kicks_in_only_when_a_frame_exceeds_the_budget(tmp_path):
+    write_tiny_weights(tmp_path, "sr4x", perturb=0.05)
+    chain = load_chain("sr4x", str(tmp_path))  # CPU: ~2 MP of output per forward
+    assert chain._tile_for(200, 300, 4) is None  # 0.96 MP out: whole frames
+    tile = chain._tile_for(360, 640, 4)  # 3.7 MP out: tiles whose output fits the budget
+    assert tile is not None and (tile * 4) ** 2 <= 2e6
+    chain = load_chain("sr4x", str(tmp_path), tile=64)  # an explicit tile (smaller tiles after an OOM)
+    assert chain._tile_for(100, 100, 4) == 64 and chain._tile_for(50, 50, 4) is None

