@@ -161,6 +161,7 @@ def train(
     batch: Annotated[int, typer.Option(help="Clips per worker per step.")] = 8,
     patch: Annotated[int, typer.Option(help="Side of the clean training patch in pixels.")] = 96,
     lr: Annotated[float, typer.Option(help="Generator learning rate, fidelity phase.")] = 2e-4,
+    adversarial: Annotated[str, typer.Option(help="GAN loss: hinge or relativistic (ESRGAN's RaGAN).")] = "hinge",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
     pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
@@ -175,7 +176,7 @@ def train(
     import shlex
 
     from jobs.train import run_training
-    from jobs.train_config import TrainSpec
+    from jobs.train_config import LossSpec, TrainSpec
 
     def go():
         try:
@@ -185,6 +186,7 @@ def train(
         spec = TrainSpec(stage=stage, data=data, out=out_dir or f"runs/{stage}", workers=workers, gpu=gpu, steps=steps,
                          gan_steps=gan_steps, resume=resume, arch=arch, arch_args=parsed_args, init=init,
                          batch=batch, patch=patch, lr=lr, checkpoint_every=checkpoint_every,
+                         loss=LossSpec(adversarial=adversarial),
                          source_scale=source_scale, pool_clips=pool_clips, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))

@@ -14,8 +14,10 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +35,8 @@ from pipeline import storage
 from pipeline.config import VERSION
 from pipeline.run import connect
 
-# Fields that decide what the checkpoints hold; a resumed run must agree on them.
-SHAPING = ("stage", "arch", "arch_args", "patch", "d_features", "seed")
+# What decides the networks a checkpoint holds; a resumed run must agree on it.
+SHAPING = ("stage", "arch_name", "generator_args", "d_features")
 
 
 @dataclass
@@ -50,9 +52,10 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     run_name = f"train-{spec.stage}"
     checkpoints = storage.join(spec.out, "checkpoints")
     check_resume(spec, checkpoints, run_name)
-    connect(address, worker_logs=True)
+    connect(address)
 
-    dataset, val, provenance = train_data.build(spec, log)
+    start = latest_step(storage.join(checkpoints, run_name)) if spec.resume else 0
+    dataset, val, provenance = train_data.build(spec, log, first_step=start)
     cpus = worker_cpus(spec)
     threads = max(1, int(cpus))
     storage_path, storage_fs = ray_storage(checkpoints)
@@ -69,7 +72,8 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     log(f"training {spec.stage} ({spec.arch_name}) on {spec.workers} worker(s) x {cpus:g} CPU"
         f"{' + 1 GPU' if spec.gpu else ''}: {spec.steps} fidelity + {spec.gan_steps} GAN steps, "
         f"checkpoints in {checkpoints}/{run_name}")
-    result = trainer.fit()
+    with watch_progress(storage.join(checkpoints, run_name), spec, log):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training of {spec.stage} produced no checkpoint")
     with result.checkpoint.as_directory() as path:
@@ -81,28 +85,75 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     return TrainResult(out=spec.out, weights=weights, metrics=result.metrics or {}, seconds=time.time() - t0)
 
 
+@contextmanager
+def watch_progress(run_dir: str, spec: TrainSpec, log: Callable[[str], None], every: float = 2.0):
+    """Log each new checkpoint's metrics (losses, validation PSNR, steps/s) while the run goes on. Reading them
+    from storage works wherever the cluster runs, and keeps the workers' own logs out of the user's terminal."""
+    stop = threading.Event()
+    seen = set(checkpoint_names(run_dir))
+
+    def poll() -> None:
+        while not stop.wait(every):
+            for name in sorted(set(checkpoint_names(run_dir)) - seen):
+                state_uri = storage.join(run_dir, name, train_checkpoint.META)
+                try:
+                    history = json.loads(storage.read_bytes(state_uri)).get("history", [])
+                except (OSError, ValueError):
+                    continue  # still being written: next poll
+                seen.add(name)
+                if history:
+                    log(format_metrics(history[-1], spec))
+
+    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def format_metrics(m: dict, spec: TrainSpec) -> str:
+    losses = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in m.items() if k.startswith("loss_"))
+    return (f"step {m['step']}/{spec.total_steps} ({m['phase']}): {losses}; validation PSNR {m['val_psnr']:.2f} dB "
+            f"(baseline {m['val_psnr_baseline']:.2f}); {m['steps_per_s']:.2f} steps/s")
+
+
+def checkpoint_names(run_dir: str) -> list[str]:
+    return [n for n in storage.ls(run_dir) if n.startswith("step-")]
+
+
+def latest_step(run_dir: str) -> int:
+    return max((int(n.removeprefix("step-")) for n in checkpoint_names(run_dir)), default=0)
+
+
+def shaping(spec: TrainSpec) -> dict:
+    return {"stage": spec.stage, "arch_name": spec.arch_name, "generator_args": spec.generator_args,
+            "d_features": spec.d_features}
+
+
 def check_resume(spec: TrainSpec, checkpoints: str, run_name: str) -> None:
     """A new run must not mix with an old one in OUT; a resumed run must train the same networks."""
     spec_uri = storage.join(checkpoints, f"{run_name}.json")
-    previous = json.loads(storage.read_bytes(spec_uri)) if storage.exists(spec_uri) else None
-    if previous is not None or storage.exists(storage.join(checkpoints, run_name)):
+    if checkpoint_names(storage.join(checkpoints, run_name)):
         if not spec.resume:
             raise ValueError(f"{spec.out} already holds a training run of {spec.stage}; pass --resume to "
                              f"continue it, or choose another --out")
-        if previous is not None:
-            changed = [k for k in SHAPING if previous.get(k) != spec.model_dump().get(k)]
-            if changed:
-                raise ValueError(f"--resume with different {', '.join(changed)} than the run in {spec.out} "
-                                 f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)})")
+        previous = json.loads(storage.read_bytes(spec_uri)) if storage.exists(spec_uri) else {}
+        changed = [k for k in SHAPING if k in previous and previous[k] != shaping(spec)[k]]
+        if changed:
+            raise ValueError(f"--resume with different {', '.join(changed)} than the run in {spec.out} "
+                             f"({', '.join(f'{k}={previous[k]!r}' for k in changed)})")
     elif spec.resume:
         raise ValueError(f"nothing to resume: {spec.out} holds no training run of {spec.stage}")
-    storage.write_bytes(spec_uri, json.dumps(spec.model_dump(), indent=1).encode())
+    storage.write_bytes(spec_uri, json.dumps(shaping(spec), indent=1).encode())
 
 
 def worker_cpus(spec: TrainSpec) -> float:
-    """CPUs per training worker. By default the workers share the cluster's CPUs but leave one to the data
-    pipeline, which degrades samples while the workers step (with none left for it, Ray Data would wait forever
-    behind the training workers' reservations)."""
+    """CPUs per training worker: by default one each (Ray Train's default), or an equal share of what is left
+    after one CPU for the data pipeline when the cluster is smaller than that. The data pipeline degrades samples
+    while the workers step; with no CPU left for it, Ray Data would wait forever behind the workers'
+    reservations."""
     if spec.worker_cpus is not None:
         return spec.worker_cpus
     if spec.gpu:
@@ -170,7 +221,7 @@ def cpu_fps(net: torch.nn.Module, spec: TrainSpec, repeats: int = 2) -> float:
     frame = torch.rand(1, 3, 360, 640)
     if info.is_interp:
         run = lambda: net(frame, frame)  # noqa: E731
-    elif info.radius or info.arch.__name__ == "RestorerNet" and spec.arch_name == "RestorerNet":
+    elif info.radius or spec.arch_name == "RestorerNet":
         window = frame.unsqueeze(1).expand(1, 2 * info.radius + 1, 3, 360, 640).contiguous()
         run = lambda: net(window)  # noqa: E731
     else:

@@ -56,7 +56,7 @@ class TrainSpec(Frozen):
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     resume: bool = False
     data_licence: str | None = None
     command: str = ""

@@ -1,18 +1,21 @@
 """Training data on Ray Data: clean footage -> a pool of clean clips -> degraded (input, target) pairs.
 
     list --data (fsspec)  ->  probe (CPU tasks)  ->  clip plan: random clips of `clip_frames` consecutive
-    frames, training clips from the first 90% of each video, validation clips from the last 10%
+    frames, training clips from the first 90% of each video, validation clips from the last 10% (or, with
+    only still images, from images held out of training)
       -> decode + random crop (Ray Data, CPU tasks, FFmpeg)  ->  the clean pool, materialised once
       -> per sample (Ray Data, CPU tasks): pick a pool clip, cut a patch, flip/rotate, degrade it with the
          stage's recipe  ->  rows {lq, hq} streamed to the training workers
 
 Every random choice is drawn from a generator seeded with (run seed, sample index), so a sample is the same
-whichever worker makes it. Decoding once keeps FFmpeg off the training hot path; degrading per sample means
-the model never sees the same damage twice.
+whichever worker makes it, and a resumed run continues with the indices after its checkpoint's. Decoding once
+keeps FFmpeg off the training hot path; degrading per sample means the model rarely sees the same damage
+twice (a worker group restarted mid-run replays its stream from the top).
 """
 
 from __future__ import annotations
 
+import math
 import posixpath
 from typing import Any
 
@@ -45,8 +48,9 @@ def list_sources(data: str) -> tuple[list[str], list[str]]:
     return media, licences
 
 
-def plan_clips(spec: TrainSpec, infos: dict[str, VideoInfo]) -> tuple[list[dict], list[dict]]:
-    """Training and validation clip rows: where each clip starts and how to decode it."""
+def plan_clips(spec: TrainSpec, infos: dict[str, VideoInfo]) -> tuple[list[dict], list[dict], str]:
+    """Training and validation clip rows (where each clip starts and how to decode it), and how validation was
+    held out, for the model card."""
     rng = np.random.default_rng(spec.seed)
     t = spec.clip_frames
     videos = {u: i for u, i in infos.items() if i.n_frames >= t}
@@ -64,21 +68,40 @@ def plan_clips(spec: TrainSpec, infos: dict[str, VideoInfo]) -> tuple[list[dict]
                 "repeat": t if still else 1, "stream_index": info.stream_index, "width": info.width,
                 "height": info.height, "matrix": info.matrix, "full_range": info.full_range, "seed": seed}
 
+    # Each video is cut once: training clips lie wholly before `cut`, validation clips wholly after it. A video
+    # too short to give both sides trains only. With no video, whole images are held out.
+    cuts = {u: infos[u].n_frames - max(t, math.ceil(0.1 * infos[u].n_frames)) for u in videos}
+    val_videos = [u for u in videos if cuts[u] >= t]
+    still = list(images)
+    val_images = still[len(still) - max(1, len(still) // 10):] if not val_videos and len(still) > 1 else []
+    train_sources = [u for u in usable if u not in val_images]
+    if val_videos:
+        how = "held-out clips from the last 10% of each video's frames"
+        val_sources = val_videos
+    elif val_images:
+        how = f"{len(val_images)} held-out image(s)"
+        val_sources = val_images
+    else:
+        how = "NOT held out: the only source is also the training source"
+        val_sources = train_sources
+
+    def clip_start(uri: str, validation: bool) -> int:
+        if uri not in videos:
+            return 0
+        n = infos[uri].n_frames
+        if uri not in val_videos:
+            return int(rng.integers(0, n - t + 1))
+        lo, hi = (cuts[uri], n - t) if validation else (0, cuts[uri] - t)
+        return int(rng.integers(lo, hi + 1))
+
     train, val = [], []
-    for k in range(spec.pool_clips):
-        uri = usable[k % len(usable)]
-        n = infos[uri].n_frames
-        cut = max(t, int(n * 0.9)) if uri in videos else n
-        start = int(rng.integers(0, max(1, cut - t + 1))) if uri in videos else 0
-        train.append(row(uri, start, spec.seed * 7919 + k))
-    held_out = list(videos) or usable
+    for k in range(spec.pool_clips):  # sources in turn, so each contributes about equally
+        uri = train_sources[k % len(train_sources)]
+        train.append(row(uri, clip_start(uri, validation=False), spec.seed * 7919 + k))
     for k in range(spec.val_clips):
-        uri = held_out[k % len(held_out)]
-        n = infos[uri].n_frames
-        first = min(int(n * 0.9), n - t) if uri in videos else 0
-        start = int(rng.integers(first, n - t + 1)) if uri in videos else 0
-        val.append(row(uri, start, VAL_SEED + k))
-    return train, val
+        uri = val_sources[k % len(val_sources)]
+        val.append(row(uri, clip_start(uri, validation=True), VAL_SEED + k))
+    return train, val, how
 
 
 def decode_clip(row: dict[str, Any], crop: int, source_scale: float) -> dict[str, Any]:
@@ -105,13 +128,14 @@ def pool_crop(spec: TrainSpec) -> int:
     return 2 * spec.patch
 
 
-def make_pairs(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> dict[str, np.ndarray]:
-    """CPU task: sample indices -> degraded (lq, hq) clips. `pool` is [ObjectRef of the clean pool]."""
+def make_pairs(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec, offset: int) -> dict[str, np.ndarray]:
+    """CPU task: sample indices -> degraded (lq, hq) clips. `pool` is [ObjectRef of the clean pool]; `offset`
+    is the index of the run's first sample (non-zero when resuming)."""
     clips = ray.get(pool[0])
     recipe = RECIPES[spec.stage]
     lqs, hqs = [], []
     for index in batch["id"]:
-        rng = np.random.default_rng([spec.seed, int(index)])
+        rng = np.random.default_rng([spec.seed, offset + int(index)])
         clip = clips[int(rng.integers(0, len(clips)))]
         lq, hq = sample_pair(clip, spec, recipe, rng)
         lqs.append(lq)
@@ -134,8 +158,10 @@ def sample_pair(clip: np.ndarray, spec: TrainSpec, recipe, rng: np.random.Genera
     return degrade.make_pair(np.ascontiguousarray(patch), recipe, rng, roundtrip=ffmpeg.codec_roundtrip)
 
 
-def build(spec: TrainSpec, log) -> tuple[ray.data.Dataset, dict[str, np.ndarray], dict[str, Any]]:
-    """The streaming training dataset, the validation pairs (numpy), and the data provenance for the card."""
+def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, dict[str, np.ndarray],
+                                                                dict[str, Any]]:
+    """The streaming training dataset for steps [first_step, total), the validation pairs (numpy), and the
+    data provenance for the card."""
     media, licences = list_sources(spec.data)
     infos, skipped = {}, []
     for uri, info in probe_all(media):
@@ -144,7 +170,7 @@ def build(spec: TrainSpec, log) -> tuple[ray.data.Dataset, dict[str, np.ndarray]
         log(f"skipping {reason}")
     if not infos:
         raise ValueError(f"none of the {len(media)} file(s) under {spec.data} is readable media")
-    train_rows, val_rows = plan_clips(spec, infos)
+    train_rows, val_rows, held_out = plan_clips(spec, infos)
     crop = pool_crop(spec)
     log(f"decoding {len(train_rows)} training and {len(val_rows)} validation clips of {spec.clip_frames} "
         f"frames from {len(infos)} source(s)")
@@ -161,17 +187,19 @@ def build(spec: TrainSpec, log) -> tuple[ray.data.Dataset, dict[str, np.ndarray]
                            for i, c in enumerate(val_clean)))
     val = {"lq": np.stack(val_lq), "hq": np.stack(val_hq)}
 
-    # One pass of the stream covers the whole run; a restarted worker group starts the pass again.
-    samples = spec.total_steps * spec.batch * spec.workers
+    # One pass of the stream covers the remaining steps, split equally between the workers.
+    per_step = spec.batch * spec.workers
+    samples = max(1, spec.total_steps - first_step) * per_step
     pool_ref = ray.put(pool)
     ds = ray.data.range(samples, override_num_blocks=max(1, samples // (4 * spec.batch)))
     ds = ds.map_batches(make_pairs, batch_size=spec.batch, num_cpus=1,
-                        fn_kwargs={"pool": [pool_ref], "spec": spec})
+                        fn_kwargs={"pool": [pool_ref], "spec": spec, "offset": first_step * per_step})
+    used = sorted({r["uri"] for r in train_rows + val_rows})
     provenance = {
-        "data": spec.data, "sources": len(infos), "skipped": len(skipped),
-        "source_files": sorted(posixpath.basename(u) for u in infos)[:50],
+        "data": spec.data, "sources": len(used), "skipped": len(skipped),
+        "source_files": [posixpath.basename(u) for u in used][:50],
         "licence_files": licences, "licence": spec.data_licence, "pool_clips": len(pool),
-        "validation": "held-out clips from the last 10% of each video's frames",
+        "validation": held_out,
         "recipe": recipe_summary(spec.stage),
     }
     return ds, val, provenance

@@ -6,10 +6,11 @@ rank 0 validates, and all ranks report (Ray Train's barrier), rank 0 with a chec
 
 Two DDP pitfalls of GANs, and how this loop avoids them:
 * Spectral norm keeps power-iteration vectors in buffers; DDP's default re-broadcast of buffers before every
-  forward modifies them in place between the real and fake passes ("variable needed for gradient computation
-  has been modified by an inplace operation", pytorch/pytorch#31010 and BasicSR's DDP notes). The
-  discriminators are wrapped with `broadcast_buffers=False`: every rank starts from the same seed and the
-  power iteration is a function of weights DDP keeps identical, so the buffers stay equal without it.
+  forward modifies them in place, which breaks a backward through two discriminator passes ("variable needed
+  for gradient computation has been modified by an inplace operation", pytorch/pytorch#31010 and BasicSR's
+  DDP notes). The discriminators are wrapped with `forward_sync_buffers=False`: buffers are synced once when
+  DDP wraps them, and after that the power iteration is a function of weights DDP keeps identical, so they
+  stay equal without per-forward broadcasts (and each discriminator step makes one forward of real and fake).
 * During the generator step the discriminators are only a loss function: they are called unwrapped (no DDP
   reducer waiting for gradients that will never come), in eval mode (no power-iteration update) and with
   frozen parameters (no wasted discriminator gradients). Their own step sees real and fake in one forward.
@@ -68,16 +69,26 @@ def train_loop(config: dict) -> None:
     elif spec.init:
         g.load_state_dict(load_state(spec.init, spec.stage, "fidelity")[0])
         fidelity_sd = {k: v.clone() for k, v in g.state_dict().items()} if spec.steps == 0 else None
+    if start >= spec.steps and spec.gan_steps and fidelity_sd is None:
+        if start > spec.steps:
+            raise ValueError(f"the checkpoint at step {start} is past the fidelity phase (--steps {spec.steps}) "
+                             "but holds no fidelity snapshot; resume with the --steps of the original run")
+        # A fidelity-only run resumed with a GAN phase: the weights as they are now ship as fidelity.
+        fidelity_sd = {k: v.clone() for k, v in g.state_dict().items()}
+        meta["fidelity_metrics"] = meta["history"][-1] if meta["history"] else None
+    # Networks on their device before the optimisers load state: Adam's moments follow the parameters' device
+    # at load time, and prepare_model's own move would leave them behind on the CPU.
+    g, d, dt = g.to(device), d.to(device), dt.to(device)
     opt_g = generator_optimizer(g, spec, gan=start >= spec.steps)
     opt_d = torch.optim.Adam([*d.parameters(), *dt.parameters()], lr=spec.d_lr, betas=(0.9, 0.99))
     if checkpoint:
         if state.meta.get("opt_g_phase") == phase_of(start, spec):  # not at the phase switch
-            opt_g.load_state_dict(state.optimizer("opt_g"))
-        opt_d.load_state_dict(state.optimizer("opt_d"))
+            load_optimizer(opt_g, state.optimizer("opt_g"))
+        load_optimizer(opt_d, state.optimizer("opt_d"))
         del state
     g = ray.train.torch.prepare_model(g)
-    d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs={"broadcast_buffers": False})
-    dt = ray.train.torch.prepare_model(dt, parallel_strategy_kwargs={"broadcast_buffers": False})
+    d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    dt = ray.train.torch.prepare_model(dt, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
     # -- steps -----------------------------------------------------------------------------------------
     batches = endless(ray.train.get_dataset_shard("train"), spec.batch, device)
@@ -211,9 +222,13 @@ def targets(info: StageInfo, hq: torch.Tensor) -> torch.Tensor:
 
 
 def temporal_stacks(info: StageInfo, lq, hq, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three-frame stacks for the temporal discriminator and loss: (real, fake)."""
-    if info.is_interp:  # the made frame between the two it was made from
-        return hq, torch.cat((lq[:, :1], out, lq[:, 2:]), dim=1)
+    """Three-frame stacks for the temporal discriminator and loss: (real, fake).
+
+    For interpolation both stacks keep the frames it was made from as they are (as the restored video does), so
+    the only difference the discriminator can see is the made frame."""
+    if info.is_interp:
+        ends = lq[:, :1], lq[:, 2:]
+        return torch.cat((ends[0], hq[:, 1:2], ends[1]), dim=1), torch.cat((ends[0], out, ends[1]), dim=1)
     return targets(info, hq), out
 
 
@@ -263,6 +278,14 @@ def generator_optimizer(g: nn.Module, spec: TrainSpec, gan: bool) -> torch.optim
     return torch.optim.Adam(g.parameters(), lr=spec.gan_lr if gan else spec.lr, betas=(0.9, 0.99))
 
 
+def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Restore moments and step counts, but keep this run's learning rates: a resumed run may set new ones."""
+    lrs = [group["lr"] for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+
+
 def pixel_loss(spec: TrainSpec, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return losses.charbonnier(out, target) if spec.loss.pixel == "charbonnier" else losses.l1(out, target)
 
@@ -293,7 +316,9 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def endless(shard, batch: int, device: torch.device):
-    """Batches of (lq, hq) from the dataset shard, starting the pass again if it runs out (after a restart)."""
+    """Batches of (lq, hq) from the dataset shard. The stream holds exactly the samples the remaining steps
+    need, split equally between ranks; a worker group restarted from a checkpoint mid-run starts the stream
+    again from the top, so it sees more than the remaining steps need and the loop simply stops early."""
     while True:
         got = False
         for b in shard.iter_torch_batches(batch_size=batch, drop_last=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -19,17 +20,18 @@ from pipeline.stitch import stitch_video
 WORKER_BASE_BYTES = 256 * 2**20
 
 
-def connect(address: str | None, worker_logs: bool = False) -> None:
+def connect(address: str | None) -> None:
     """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
-    An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection.
-    `worker_logs` forwards workers' prints to this process (training reports its losses that way)."""
+    An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None and "RAY_ADDRESS" not in os.environ:
-        ray.init(include_dashboard=False, log_to_driver=worker_logs, configure_logging=False)
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=worker_logs, configure_logging=False)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    # Ray Data's per-dataset INFO lines ("execution finished in ...") are noise in a CLI; warnings stay.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

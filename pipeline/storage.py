@@ -71,8 +71,10 @@ def exists(uri: str) -> bool:
 
 
 def ls(uri: str) -> list[str]:
-    """Names directly under `uri` (empty when it does not exist)."""
+    """Names directly under `uri` (empty when it does not exist). Never a cached listing: other processes
+    write there (s3fs and gcsfs cache directory listings per filesystem instance)."""
     fs, path = fs_and_path(uri)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

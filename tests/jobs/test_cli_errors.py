@@ -41,3 +41,21 @@ def test_status_and_resume_of_a_folder_without_a_job(tmp_path):
     for command in ("status", "resume"):
         result = run(command, str(tmp_path))
         assert result.exit_code == 2 and "no reelmend job" in result.output
+
+
+def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
+    out = tmp_path / "run"
+    cases = [
+        (["identity"], "cannot train stage 'identity'"),
+        (["sr4x", "--patch", "48"], "--patch must be a multiple of 32"),
+        (["denoise", "--arch", "RRDBNet"], "takes architecture RestorerNet"),
+        (["denoise", "--arch-args", "{features: 8}"], "--arch-args is not JSON"),
+        (["denoise", "--adversarial", "wasserstein"], "adversarial"),
+        (["denoise", "--steps", "0"], "needs --init DIR"),
+        (["denoise", "--resume"], "nothing to resume"),
+    ]
+    for extra, message in cases:
+        result = run("train", *extra, "--data", str(tmp_path), "--out", str(out))
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)
+        assert not out.exists()

@@ -71,7 +71,7 @@ def test_train_checkpoints_survives_a_worker_failure_exports_and_resumes(ray_add
     # reusing the folder needs --resume; a resumed run must train the same network
     with pytest.raises(ValueError, match="--resume"):
         run_training(spec(clean_data, out), log=lambda m: None)
-    with pytest.raises(ValueError, match="arch_args"):
+    with pytest.raises(ValueError, match="different generator_args"):
         run_training(spec(clean_data, out, resume=True, arch_args={"features": 16, "convs": 2}), log=lambda m: None)
 
     # --resume with a longer GAN phase continues from the last checkpoint (step 6), not from scratch
@@ -79,6 +79,25 @@ def test_train_checkpoints_survives_a_worker_failure_exports_and_resumes(ray_add
     state = json.loads((out / "checkpoints" / "train-sr2x" / "step-0000008" / "state.json").read_text())
     assert state["resumed_from"] == [2, 6]
     assert read_card(str(out), "sr2x", "gan")["metrics"]["step"] == 8
+
+
+def test_a_fidelity_only_run_resumed_with_a_gan_phase(ray_address, clean_data, tmp_path):
+    """interp2x (a temporal stage) trained for fidelity only, then resumed with a GAN phase: the fidelity weights
+    are the ones of the first run, the GAN weights continue from them, and both run in the chain."""
+    out = tmp_path / "interp"
+    tiny = dict(stage="interp2x", arch_args={"features": 8, "levels": 2}, steps=2, gan_steps=0)
+    run_training(spec(clean_data, out, **tiny), log=lambda m: None)
+    assert sorted(p.name for p in out.glob("interp2x*")) == ["interp2x.json", "interp2x.safetensors"]
+    fidelity = (out / "interp2x.safetensors").read_bytes()
+    assert "still.png" not in read_card(str(out), "interp2x", "fidelity")["data"]["source_files"]
+
+    run_training(spec(clean_data, out, resume=True, **{**tiny, "gan_steps": 2}), log=lambda m: None)
+    assert (out / "interp2x.safetensors").read_bytes() == fidelity  # the snapshot at the phase switch
+    gan = read_card(str(out), "interp2x", "gan")
+    assert gan["metrics"]["step"] == 4 and "loss_temporal_adv" in gan["metrics"]
+    frames = np.random.default_rng(1).integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)
+    made = load_chain("interp2x:gan", str(out)).run(frames)
+    assert made.shape == (6, 24, 40, 3) and np.array_equal(made[0::2], frames)
 
 
 def test_bad_train_specs_fail_before_any_work(tmp_path):
