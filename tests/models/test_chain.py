@@ -123,3 +123,17 @@ def test_tiling_kicks_in_only_when_a_frame_exceeds_the_budget(tmp_path):
     assert tile is not None and (tile * 4) ** 2 <= 2e6
     chain = load_chain("sr4x", str(tmp_path), tile=64)  # an explicit tile (smaller tiles after an OOM)
     assert chain._tile_for(100, 100, 4) == 64 and chain._tile_for(50, 50, 4) is None
+
+
+def test_a_stage_loads_its_alternative_architecture_and_refuses_others(tmp_path):
+    from models.restorer_net import RestorerNet
+    from models.rrdb_sr import RRDBNet
+    from models.weights import save_weights
+
+    args = {"scale": 2, "features": 8, "blocks": 1, "growth": 4}
+    save_weights(RRDBNet(**args), str(tmp_path), "sr2x", "fidelity", args)  # the larger SR option for GPUs
+    out = load_chain("sr2x", str(tmp_path)).run(frames(n=2, h=9, w=13))
+    assert out.shape == (2, 18, 26, 3)
+    save_weights(RestorerNet(features=8, blocks=1), str(tmp_path), "sr4x", "fidelity", {"features": 8, "blocks": 1})
+    with pytest.raises(WeightsError, match="takes one of: CompactSR, RRDBNet"):
+        load_chain("sr4x", str(tmp_path))
