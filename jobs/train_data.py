@@ -25,7 +25,7 @@ import ray
 from jobs.train_config import TrainSpec
 from models import degrade
 from models.chain import STAGES
-from models.recipes import RECIPES
+from models.recipes import RECIPES, describe
 from pipeline import ffmpeg, storage
 from pipeline.plan import seek_time
 from pipeline.probe import VideoInfo
@@ -206,6 +206,4 @@ def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, 
 
 
 def recipe_summary(stage: str) -> dict:
-    from models.recipes import describe
-
     return describe(RECIPES[stage])
