@@ -160,7 +160,10 @@ def train(
     init: Annotated[Optional[str], typer.Option(help="Start from this folder's fidelity weights.")] = None,
     batch: Annotated[int, typer.Option(help="Clips per worker per step.")] = 8,
     patch: Annotated[int, typer.Option(help="Side of the clean training patch in pixels.")] = 96,
-    lr: Annotated[float, typer.Option(help="Generator learning rate, fidelity phase.")] = 2e-4,
+    lr: Annotated[float, typer.Option(help="Generator learning rate, fidelity phase (its peak).")] = 2e-4,
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to lr/100 over --steps) or constant.")] = "cosine",
+    gan_lr: Annotated[float, typer.Option(help="Generator learning rate, GAN phase.")] = 5e-5,
+    d_features: Annotated[int, typer.Option(help="Width of the discriminators (GAN phase cost).")] = 32,
     adversarial: Annotated[str, typer.Option(help="GAN loss: hinge or relativistic (ESRGAN's RaGAN).")] = "hinge",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
@@ -185,7 +188,8 @@ def train(
             raise ValueError(f"--arch-args is not JSON: {err}") from err
         spec = TrainSpec(stage=stage, data=data, out=out_dir or f"runs/{stage}", workers=workers, gpu=gpu, steps=steps,
                          gan_steps=gan_steps, resume=resume, arch=arch, arch_args=parsed_args, init=init,
-                         batch=batch, patch=patch, lr=lr, checkpoint_every=checkpoint_every,
+                         batch=batch, patch=patch, lr=lr, lr_schedule=lr_schedule, gan_lr=gan_lr,
+                         d_features=d_features, checkpoint_every=checkpoint_every,
                          loss=LossSpec(adversarial=adversarial),
                          source_scale=source_scale, pool_clips=pool_clips, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
@@ -237,18 +241,56 @@ def demo(
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="What to measure: memory.")] = "memory",
+    what: Annotated[str, typer.Argument(help="What to measure: quality or memory.")] = "memory",
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
-    seconds: Annotated[int, typer.Option(help="Length of the 1x input in seconds.")] = 4,
+    clean: Annotated[Optional[str], typer.Option(help="quality: folder or bucket of clean videos not used in training.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="quality: weights folder (default: the shipped weights).")] = None,
+    stages: Annotated[Optional[str], typer.Option(help="quality: only these stages, comma-separated.")] = None,
+    frames: Annotated[int, typer.Option(help="quality: frames per clean clip.")] = 25,
+    clean_scale: Annotated[float, typer.Option(help="quality: area-downscale the clean footage first.")] = 0.5,
+    update_cards: Annotated[bool, typer.Option(help="quality: write the figures into the model cards.")] = False,
+    seconds: Annotated[int, typer.Option(help="memory: length of the 1x input in seconds.")] = 4,
+    address: Annotated[Optional[str], typer.Option(help="quality: restore on this Ray cluster.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Measure the pipeline (JSON out): `memory` compares peak job memory for a 10x longer input."""
-    from jobs.bench import bench_memory
+    """Measure reelmend (JSON out). `quality`: the shipped stages against FFmpeg's classical filters on clean
+    footage (--clean); `memory`: peak job memory for a 10x longer input."""
+    if what == "memory":
+        from jobs.bench import bench_memory
 
-    if what != "memory":
-        _fail(ValueError(f"unknown benchmark '{what}'; available: memory"), EXIT_USAGE, verbose)
-    result = _guarded(lambda: bench_memory(json_out, seconds=seconds), verbose)
-    out.print_json(json.dumps(result))
+        result = _guarded(lambda: bench_memory(json_out, seconds=seconds), verbose)
+        out.print_json(json.dumps(result))
+        return
+    if what != "quality":
+        _fail(ValueError(f"unknown benchmark '{what}'; available: quality, memory"), EXIT_USAGE, verbose)
+    if not clean:
+        _fail(ValueError("bench quality needs --clean URI: clean footage the models never saw"), EXIT_USAGE, verbose)
+    if not 0 < clean_scale <= 1:
+        _fail(ValueError(f"--clean-scale must be in (0, 1], got {clean_scale}"), EXIT_USAGE, verbose)
+    from jobs.bench_quality import TASKS, bench_quality
+
+    chosen = [s.strip() for s in stages.split(",")] if stages else None
+    unknown = sorted(set(chosen or []) - {t.stage for t in TASKS})
+    if unknown:
+        _fail(ValueError(f"unknown stage(s) {', '.join(unknown)} for bench quality"), EXIT_USAGE, verbose)
+    result = _guarded(lambda: bench_quality(clean, json_out, models=models, frames=frames, clean_scale=clean_scale,
+                                            stages=chosen, update_cards=update_cards, address=address,
+                                            log=lambda m: console.print(m, markup=False)), verbose)
+    out.print(quality_table(result))
+
+
+def quality_table(result: dict) -> Table:
+    table = Table(title=f"reelmend vs FFmpeg filters ({len(result['clips'])} clean clips)")
+    for col in ("task", "metric", "best filter", "filter dB", "fidelity dB", "margin", "bar", "gan dB",
+                "sharpness fid/gan"):
+        table.add_column(col)
+    for r in result["tasks"]:
+        ok = "[green]" if r["meets_bar"] else "[red]"
+        table.add_row(r["task"], r["metric"], r["best_baseline"]["name"], f"{r['best_baseline']['psnr']:.2f}",
+                      f"{r['fidelity']['psnr']:.2f}", f"{ok}{r['margin_db']:+.2f}[/]",
+                      f"≥{r['bar_db']:.1f}" if r["bar_db"] else ">0",
+                      f"{r['gan']['psnr']:.2f}", f"{r['fidelity']['sharpness']:.3f}/{r['gan']['sharpness']:.3f}")
+    return table
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ can be resumed, and its weights explained, from what was written.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,7 +46,8 @@ class TrainSpec(Frozen):
     gan_steps: int = Field(1000, ge=0)  # GAN phase, fine-tuning the fidelity weights
     batch: int = Field(8, ge=1)  # clips per worker per step
     patch: int = Field(96, ge=16)  # side of the clean (target) patch in pixels
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)  # fidelity phase: the peak, decayed by `lr_schedule`
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: lr -> lr/100 over the fidelity phase
     gan_lr: float = Field(5e-5, gt=0)
     d_lr: float = Field(1e-4, gt=0)
     d_features: int = Field(32, ge=4)
@@ -79,6 +81,15 @@ class TrainSpec(Frozen):
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError("--fail-at-step must come after the first checkpoint (> --checkpoint-every)")
         return self
+
+    def fidelity_lr(self, step: int) -> float:
+        """The generator's learning rate at a fidelity step: cosine annealing (SGDR without restarts, as
+        BasicSR's SR recipes use) from `lr` to `lr / 100`, a pure function of the step so resumes need no
+        scheduler state."""
+        if self.lr_schedule == "constant" or self.steps <= 1:
+            return self.lr
+        low = self.lr / 100
+        return low + 0.5 * (self.lr - low) * (1 + math.cos(math.pi * min(step, self.steps) / self.steps))
 
     @property
     def total_steps(self) -> int:

@@ -104,6 +104,8 @@ def train_loop(config: dict) -> None:
             os._exit(1)
         lq, hq = next(batches)
         if step < spec.steps:
+            for group in opt_g.param_groups:
+                group["lr"] = spec.fidelity_lr(step)
             metrics = fidelity_step(g, opt_g, lq, hq, spec, info)
         else:
             metrics = gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec, info)

@@ -282,3 +282,28 @@ def codec_roundtrip(frames: np.ndarray, codec: str, quality: int, timeout: float
     run(decode, stdin=stream, stdout_into=decoded, timeout=timeout,
         what=f"decoding the {codec} training clip failed")
     return np.ascontiguousarray(decoded[:, :h, :w])
+
+
+# -- classical filters (the baselines `reelmend bench quality` compares against) ------------------------------
+
+def filter_frames(frames: np.ndarray, graph: str, *, fps: Fraction, out_frames: int, out_width: int,
+                  out_height: int) -> np.ndarray:
+    """Run a (T, H, W, 3) uint8 RGB clip through an FFmpeg filter graph (hqdn3d, nlmeans, deblock, lanczos
+    scaling, minterpolate, tmedian, ...) and return its first `out_frames` RGB frames of the given size.
+
+    Frames go in and out through pipes, so a baseline sees exactly the pixels the model saw. Filters that
+    work in YUV get full-range 4:4:4 with accurate rounding, so the conversion itself costs no measurable
+    PSNR; an empty graph returns the clip unchanged through the same conversions."""
+    n, h, w, _ = frames.shape
+    to_yuv = "scale=out_range=full:out_color_matrix=bt709:flags=accurate_rnd+full_chroma_int,format=yuv444p"
+    to_rgb = "scale=in_range=full:in_color_matrix=bt709:flags=accurate_rnd+full_chroma_int,format=rgb24"
+    chain = ",".join(part for part in (to_yuv, graph, to_rgb) if part)
+    args = [*BASE, "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-vf", chain,
+            "-frames:v", str(out_frames), "-fps_mode", "passthrough", "-pix_fmt", "rgb24", "-f", "rawvideo",
+            "pipe:1"]
+    out = np.empty((out_frames, out_height, out_width, 3), dtype=np.uint8)
+    run(args, stdin=memoryview(np.ascontiguousarray(frames).reshape(-1)).cast("B"), stdout_into=out,
+        timeout=work_timeout(max(n, out_frames), max(w * h, out_width * out_height), seconds_per_mpx=30.0),
+        what=f"FFmpeg filter {graph or '(none)'} failed")
+    return out

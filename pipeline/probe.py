@@ -67,9 +67,12 @@ class VideoInfo(BaseModel):
         return {"pc": True, "tv": False}.get(self.color_range or "")
 
     def colour_tags(self) -> dict[str, str]:
-        """Encoder options that carry the source's colour description (only what the source declared)."""
+        """Encoder options that carry the source's colour description (only what the source declared). An RGB
+        source's matrix ("gbr", the identity) is not one an encoded output can carry: its YUV encodes are
+        converted with their own matrix, and FFV1's planar RGB needs none."""
         tags = {"color_primaries": self.color_primaries, "color_trc": self.color_transfer,
-                "colorspace": self.color_space, "color_range": self.color_range}
+                "colorspace": None if self.color_space == "gbr" else self.color_space,
+                "color_range": self.color_range}
         return {k: v for k, v in tags.items() if v and v not in ("unknown", "reserved")}
 
 

@@ -21,7 +21,7 @@ def test_bad_specs_exit_2_and_write_nothing(tmp_path):
         (["--chain", "denoise,sr3x"], "unknown stage 'sr3x'"),
         (["--crf", "60"], "--crf 60 is out of range for h264"),
         (["--crf", "99"], "crf: Input should be less than or equal to 63"),
-        (["--chain", "sr2x"], "no weights for stage 'sr2x'"),
+        (["--chain", "sr2x", "--models", str(tmp_path / "nowhere")], "no weights for stage 'sr2x'"),
         (["--chain", "sr2x:gan", "--models", str(tmp_path / "nowhere")], "no weights for stage 'sr2x:gan'"),
         (["--chunk-frames", "1"], "chunk_frames"),
         (["--codec", "mpeg1"], "codec"),
@@ -53,9 +53,23 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         (["denoise", "--adversarial", "wasserstein"], "adversarial"),
         (["denoise", "--steps", "0"], "needs --init DIR"),
         (["denoise", "--resume"], "nothing to resume"),
+        (["denoise", "--lr-schedule", "step"], "lr_schedule"),
     ]
     for extra, message in cases:
         result = run("train", *extra, "--data", str(tmp_path), "--out", str(out))
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
         assert not out.exists()
+
+
+def test_bad_bench_commands_exit_2(tmp_path):
+    cases = [
+        (["quality"], "needs --clean URI"),
+        (["quality", "--clean", str(tmp_path), "--stages", "sr3x"], "unknown stage(s) sr3x"),
+        (["quality", "--clean", str(tmp_path), "--clean-scale", "2"], "--clean-scale must be in (0, 1]"),
+        (["speed"], "unknown benchmark 'speed'"),
+    ]
+    for extra, message in cases:
+        result = run("bench", *extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in " ".join(result.output.split()), (extra, result.output)

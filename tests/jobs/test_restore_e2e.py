@@ -213,3 +213,14 @@ def test_temporal_context_makes_chunking_invisible(tmp_path, ray_address):
     assert outs[0].shape == (40, 32, 48, 3)
     # equal up to float rounding between batch sizes; a context error changes frames by far more
     assert np.abs(outs[0].astype(int) - outs[1]).max() <= 1
+
+
+def test_rgb_source_restores_lossless_and_encoded(tmp_path, ray_address):
+    """A planar-RGB source (FFV1 gbrp, as scans and evaluation files are) declares the identity matrix "gbr",
+    which no encoder accepts as a colour tag: both outputs must still be written, the lossless one bit-exact."""
+    src = make_clip(tmp_path / "in" / "rgb.mkv", size="64x48", frames=12, extra=("-c:v", "ffv1", "-pix_fmt", "gbrp"))
+    for extra, out in ((["--lossless"], "lossless"), ([], "h264")):
+        result = cli("restore", str(src.parent), str(tmp_path / out), "--chain", "identity", *extra)
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(decode(tmp_path / "lossless" / "rgb.mkv"), decode(src))
+    assert psnr(decode(tmp_path / "h264" / "rgb.mkv"), decode(src)) > 35

@@ -89,3 +89,13 @@ def test_fidelity_and_gan_steps_learn(stage):
     assert all(np.isfinite(v) for v in metrics.values())
     assert any(not torch.equal(a, b) for a, b in zip(d_before, d.parameters()))  # D stepped
     assert all(p.requires_grad for p in d.parameters())  # unfrozen after the generator step
+
+
+def test_fidelity_lr_anneals_from_its_peak_to_a_hundredth():
+    spec = TrainSpec(stage="denoise", data="d", out="o", steps=100, gan_steps=0, lr=1e-3)
+    lrs = [spec.fidelity_lr(step) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-5)
+    assert lrs[50] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    constant = spec.model_copy(update={"lr_schedule": "constant"})
+    assert {constant.fidelity_lr(step) for step in (0, 50, 99)} == {1e-3}
