@@ -73,16 +73,17 @@ def _lanczos(scale: int) -> dict[str, str]:
             for a in (3, 4)}
 
 
-_NLMEANS = {f"nlmeans s={s}": f"nlmeans=s={s}" for s in (3, 5, 7, 9, 12)}
-_HQDN3D = {f"hqdn3d {s}": f"hqdn3d={s}" for s in (4, 8, 16, 32)}
+def _denoisers(hqdn3d: tuple[int, ...], nlmeans: tuple[int, ...]) -> dict[str, str]:
+    # Grids that bracket each filter's best strength for the noise level (the best must not sit on an edge).
+    return {**{f"hqdn3d {v}": f"hqdn3d={v}" for v in hqdn3d}, **{f"nlmeans s={v}": f"nlmeans=s={v}" for v in nlmeans}}
+
 
 TASKS: tuple[Task, ...] = (
-    Task("denoise σ=15", "denoise", _noise(15), {**_HQDN3D, **_NLMEANS}, bar=1.0),
-    Task("denoise σ=25", "denoise", _noise(25), {**_HQDN3D, **_NLMEANS}, bar=1.0),
+    Task("denoise σ=15", "denoise", _noise(15), _denoisers((16, 32, 48), (7, 9, 12)), bar=1.0),
+    Task("denoise σ=25", "denoise", _noise(25), _denoisers((32, 48, 64), (9, 12, 15)), bar=1.0),
     Task("deblock x264 CRF 37", "deblock", lambda clip, rng: ffmpeg.codec_roundtrip(clip, "h264", 37),
          {"input": "", "deblock weak": "deblock=filter=weak:block=8", "deblock strong": "deblock=filter=strong:block=8",
-          "hqdn3d 2": "hqdn3d=2", "hqdn3d 4": "hqdn3d=4", "nlmeans s=2": "nlmeans=s=2", "nlmeans s=3": "nlmeans=s=3",
-          "nlmeans s=5": "nlmeans=s=5"}, bar=0.5),
+          **_denoisers((2, 4, 8), (2, 3, 5, 7))}, bar=0.5),
     Task("descratch film damage", "descratch", _film_damage,
          {"input": "", "tmedian r=1": "tmedian=radius=1", "tmedian r=2": "tmedian=radius=2"}, bar=0.0),
     Task("sr2x bicubic ÷2", "sr2x", lambda clip, rng: degrade.bicubic_downscale(clip, 2), _lanczos(2), bar=1.0,

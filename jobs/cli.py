@@ -211,19 +211,24 @@ def list_models() -> None:
     from models.chain import STAGES
     from models.weights import SHIPPED, read_card
 
-    table = Table(title=f"shipped weights ({SHIPPED})")
-    for col in ("stage", "flavour", "architecture", "parameters", "trained with"):
+    table = Table(title=f"shipped weights ({SHIPPED}; the cards beside them say how each was trained)")
+    for col in ("stage", "flavour", "architecture", "parameters", "CPU frames/s 640x360", "vs best FFmpeg filter"):
         table.add_column(col)
     for stage, info in STAGES.items():
         if info.arch is None:
-            table.add_row(stage, "-", "no model", "0", "-")
+            table.add_row(stage, "-", "no model", "0", "-", "-")
             continue
         for flavour in ("fidelity", "gan"):
             card = read_card(str(SHIPPED), stage, flavour)
-            if card:
-                table.add_row(stage, flavour, card["arch"], f"{card['parameters']:,}", card.get("command", ""))
-            else:
-                table.add_row(stage, flavour, info.arch.__name__, "-", "[yellow]not shipped yet[/]")
+            if not card:
+                table.add_row(stage, flavour, info.arch.__name__, "-", "-", "[yellow]not shipped[/]")
+                continue
+            fps = card.get("cpu_fps_640x360")
+            quality = "; ".join(f"{t['task']}: {t['psnr']:.2f} dB ({t['margin_db']:+.2f} vs {t['best_filter']['name']})"
+                                for t in card.get("bench_quality", {}).get("tasks", []))
+            table.add_row(stage, flavour, card["arch"], f"{card['parameters']:,}",
+                          "-" if fps is None else f"{fps:g}" + (" (est.)" if card.get("cpu_fps_640x360_estimated") else ""),
+                          quality or "not measured")
     out.print(table)
 
 
