@@ -280,6 +280,21 @@ def bench_quality(clean: str, json_out: str | None, *, models: str | None = None
     return report
 
 
+def markdown_table(report: dict) -> str:
+    """The report as the README shows it: one row per task, the margin over the best filter against the bar."""
+    rows = ["| task | metric | best FFmpeg filter (its best setting) | fidelity | margin (bar) | `:gan` "
+            "| sharpness fidelity / `:gan` (clean = 1) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["tasks"]:
+        bar = f"≥ {r['bar_db']:+.1f}" if r["bar_db"] else "> 0"
+        verdict = "met" if r["meets_bar"] else "**not met**"
+        gan = f"{r['gan']['psnr']:.2f} dB ({r['gan_minus_fidelity_db']:+.2f})"
+        rows.append(f"| {r['task']} | {r['metric']} | {r['best_baseline']['name']}: {r['best_baseline']['psnr']:.2f} dB "
+                    f"| {r['fidelity']['psnr']:.2f} dB | {r['margin_db']:+.2f} dB ({bar}: {verdict}) | {gan} "
+                    f"| {r['fidelity']['sharpness']:.3f} / {r['gan']['sharpness']:.3f} |")
+    return "\n".join(rows)
+
+
 def write_to_cards(folder: str, results: list[dict], report: dict) -> None:
     """Record each task's figures in the cards of the weights it measured (local weights folders only)."""
     for flavour in ("fidelity", "gan"):

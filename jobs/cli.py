@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -165,6 +166,7 @@ def train(
     gan_lr: Annotated[float, typer.Option(help="Generator learning rate, GAN phase.")] = 5e-5,
     d_features: Annotated[int, typer.Option(help="Width of the discriminators (GAN phase cost).")] = 32,
     adversarial: Annotated[str, typer.Option(help="GAN loss: hinge or relativistic (ESRGAN's RaGAN).")] = "hinge",
+    w_adversarial: Annotated[float, typer.Option(help="Weight of the per-frame adversarial term (GAN phase).")] = 0.05,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
     pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
@@ -190,7 +192,7 @@ def train(
                          gan_steps=gan_steps, resume=resume, arch=arch, arch_args=parsed_args, init=init,
                          batch=batch, patch=patch, lr=lr, lr_schedule=lr_schedule, gan_lr=gan_lr,
                          d_features=d_features, checkpoint_every=checkpoint_every,
-                         loss=LossSpec(adversarial=adversarial),
+                         loss=LossSpec(adversarial=adversarial, w_adversarial=w_adversarial),
                          source_scale=source_scale, pool_clips=pool_clips, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))
@@ -254,6 +256,7 @@ def bench(
     frames: Annotated[int, typer.Option(help="quality: frames per clean clip.")] = 25,
     clean_scale: Annotated[float, typer.Option(help="quality: area-downscale the clean footage first.")] = 0.5,
     update_cards: Annotated[bool, typer.Option(help="quality: write the figures into the model cards.")] = False,
+    markdown: Annotated[Optional[str], typer.Option(help="quality: also write the table as Markdown to this file.")] = None,
     seconds: Annotated[int, typer.Option(help="memory: length of the 1x input in seconds.")] = 4,
     address: Annotated[Optional[str], typer.Option(help="quality: restore on this Ray cluster.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -282,6 +285,10 @@ def bench(
                                             stages=chosen, update_cards=update_cards, address=address,
                                             log=lambda m: console.print(m, markup=False)), verbose)
     out.print(quality_table(result))
+    if markdown:
+        from jobs.bench_quality import markdown_table
+
+        Path(markdown).write_text(markdown_table(result) + "\n")
 
 
 def quality_table(result: dict) -> Table:
