@@ -170,6 +170,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
     pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
+    pool_variants: Annotated[int, typer.Option(help="Degrade each pool clip this many times up front (0: every sample afresh).")] = 0,
     worker_cpus: Annotated[Optional[float], typer.Option(help="CPUs per worker (default: leave one for data).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initial weights and samples.")] = 0,
     data_licence: Annotated[Optional[str], typer.Option(help="Licence of the data, for the model card.")] = None,
@@ -193,7 +194,7 @@ def train(
                          batch=batch, patch=patch, lr=lr, lr_schedule=lr_schedule, gan_lr=gan_lr,
                          d_features=d_features, checkpoint_every=checkpoint_every,
                          loss=LossSpec(adversarial=adversarial, w_adversarial=w_adversarial),
-                         source_scale=source_scale, pool_clips=pool_clips, worker_cpus=worker_cpus, seed=seed,
+                         source_scale=source_scale, pool_clips=pool_clips, pool_variants=pool_variants, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))
         return run_training(spec, address=address, log=lambda m: console.print(m, markup=False))

@@ -53,6 +53,10 @@ class TrainSpec(Frozen):
     d_features: int = Field(32, ge=4)
     loss: LossSpec = LossSpec()
     pool_clips: int = Field(400, ge=1)  # clean clips decoded once, patches cut from them per step
+    # 0: every sample is degraded afresh. N: each pool clip is degraded N times once, before training, and samples
+    # are patches cut from those pairs: for recipes whose damage is slow to make (deblock's codec round trips
+    # start two FFmpeg processes per sample, which starved the workers at 0.2 steps/s).
+    pool_variants: int = Field(0, ge=0)
     val_clips: int = Field(16, ge=1)
     source_scale: float = Field(1.0, gt=0, le=1)  # area downscale of sources first (removes their artifacts)
     checkpoint_every: int = Field(200, ge=1)

@@ -6,6 +6,8 @@
       -> decode + random crop (Ray Data, CPU tasks, FFmpeg)  ->  the clean pool, materialised once
       -> per sample (Ray Data, CPU tasks): pick a pool clip, cut a patch, flip/rotate, degrade it with the
          stage's recipe  ->  rows {lq, hq} streamed to the training workers
+      (with --pool-variants N, each pool clip is degraded N times up front instead, and a sample is a patch cut
+       from one of those pairs, flipped and rotated: for damage too slow to make per sample)
 
 Every random choice is drawn from a generator seeded with (run seed, sample index), so a sample is the same
 whichever worker makes it, and a resumed run continues with the indices after its checkpoint's. Decoding once
@@ -34,6 +36,7 @@ from pipeline.run import probe_all
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 LICENCE_PREFIXES = ("license", "licence", "copying")
 VAL_SEED = 1_000_003  # validation pairs come from their own seed stream, never from training samples'
+VARIANT_SEED = 2_000_003  # and the degraded pool variants from theirs
 
 
 def list_sources(data: str) -> tuple[list[str], list[str]]:
@@ -129,18 +132,36 @@ def pool_crop(spec: TrainSpec) -> int:
 
 
 def make_pairs(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec, offset: int) -> dict[str, np.ndarray]:
-    """CPU task: sample indices -> degraded (lq, hq) clips. `pool` is [ObjectRef of the clean pool]; `offset`
-    is the index of the run's first sample (non-zero when resuming)."""
+    """CPU task: sample indices -> degraded (lq, hq) clips. `pool` is [ObjectRef of the clean pool] or, with
+    pool variants, [clean pool, its degraded variants]; `offset` is the index of the run's first sample (non-zero
+    when resuming)."""
     clips = ray.get(pool[0])
+    variants = ray.get(pool[1]) if len(pool) > 1 else None
     recipe = RECIPES[spec.stage]
     lqs, hqs = [], []
     for index in batch["id"]:
         rng = np.random.default_rng([spec.seed, offset + int(index)])
-        clip = clips[int(rng.integers(0, len(clips)))]
-        lq, hq = sample_pair(clip, spec, recipe, rng)
+        if variants is None:
+            lq, hq = sample_pair(clips[int(rng.integers(0, len(clips)))], spec, recipe, rng)
+        else:
+            k = int(rng.integers(0, len(variants)))
+            lq, hq = cut_pair(variants[k], clips[k // spec.pool_variants], spec, recipe.scale, rng)
         lqs.append(lq)
         hqs.append(hq)
     return {"lq": np.stack(lqs), "hq": np.stack(hqs)}
+
+
+def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> dict[str, np.ndarray]:
+    """CPU task: variant indices -> the whole pool clip `index // pool_variants`, degraded by the recipe."""
+    clips = ray.get(pool[0])
+    recipe = RECIPES[spec.stage]
+    lqs = []
+    for index in batch["id"]:
+        rng = np.random.default_rng([spec.seed, VARIANT_SEED, int(index)])
+        lq, _ = degrade.make_pair(clips[int(index) // spec.pool_variants], recipe, rng,
+                                  roundtrip=ffmpeg.codec_roundtrip)
+        lqs.append(lq)
+    return {"id": batch["id"], "lq": np.stack(lqs)}
 
 
 # Interpolation patches: the most moving of this many random candidates. Most patches of real footage are static
@@ -155,17 +176,40 @@ def sample_pair(clip: np.ndarray, spec: TrainSpec, recipe, rng: np.random.Genera
                 augment: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A random patch of a clean clip, flipped and rotated (the dihedral augmentations of EDSR), degraded."""
     p = spec.patch
-    candidates = MOTION_CANDIDATES if STAGES[spec.stage].is_interp else 1
-    origins = [tuple(int(rng.integers(0, d - p + 1)) for d in clip.shape[1:3]) for _ in range(candidates)]
-    y, x = max(origins, key=lambda o: motion(clip[:, o[0]:o[0] + p, o[1]:o[1] + p]))
+    y, x = patch_origin(clip, p, spec, rng)
     patch = clip[:, y:y + p, x:x + p]
     if augment:
-        if rng.random() < 0.5:
-            patch = patch[:, :, ::-1]
-        patch = np.rot90(patch, int(rng.integers(0, 4)), axes=(1, 2))
-        if rng.random() < 0.5:
-            patch = patch[::-1]  # time reversal: motion is as plausible backwards
+        (patch,) = dihedral(rng, patch)
     return degrade.make_pair(np.ascontiguousarray(patch), recipe, rng, roundtrip=ffmpeg.codec_roundtrip)
+
+
+def cut_pair(lq_clip: np.ndarray, hq_clip: np.ndarray, spec: TrainSpec, scale: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same random patch of a degraded pool clip and of its clean original (`scale` times larger), flipped
+    and rotated together."""
+    q = spec.patch // scale
+    y, x = patch_origin(lq_clip, q, spec, rng)
+    lq = lq_clip[:, y:y + q, x:x + q]
+    hq = hq_clip[:, y * scale:(y + q) * scale, x * scale:(x + q) * scale]
+    return tuple(np.ascontiguousarray(c) for c in dihedral(rng, lq, hq))
+
+
+def patch_origin(clip: np.ndarray, side: int, spec: TrainSpec, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a random `side`-pixel patch (for interpolation the most moving of a few)."""
+    candidates = MOTION_CANDIDATES if STAGES[spec.stage].is_interp else 1
+    origins = [tuple(int(rng.integers(0, d - side + 1)) for d in clip.shape[1:3]) for _ in range(candidates)]
+    return max(origins, key=lambda o: motion(clip[:, o[0]:o[0] + side, o[1]:o[1] + side]))
+
+
+def dihedral(rng: np.random.Generator, *clips: np.ndarray) -> list[np.ndarray]:
+    """One random flip, rotation and time reversal, the same for every clip given."""
+    flip, turns, reverse = rng.random() < 0.5, int(rng.integers(0, 4)), rng.random() < 0.5
+    out = []
+    for clip in clips:
+        clip = clip[:, :, ::-1] if flip else clip
+        clip = np.rot90(clip, turns, axes=(1, 2))
+        out.append(clip[::-1] if reverse else clip)  # time reversal: motion is as plausible backwards
+    return out
 
 
 def motion(clip: np.ndarray) -> float:
@@ -205,15 +249,23 @@ def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, 
     # One pass of the stream covers the remaining steps, split equally between the workers.
     per_step = spec.batch * spec.workers
     samples = max(1, spec.total_steps - first_step) * per_step
-    pool_ref = ray.put(pool)
+    pool_refs = [ray.put(pool)]
+    if spec.pool_variants:
+        n = len(pool) * spec.pool_variants
+        log(f"degrading each of the {len(pool)} pool clips {spec.pool_variants} time(s)")
+        made = ray.data.range(n, override_num_blocks=min(n, 64)).map_batches(
+            degrade_pool, batch_size=8, num_cpus=1, fn_kwargs={"pool": pool_refs, "spec": spec})
+        rows = sorted(made.take_all(), key=lambda r: r["id"])
+        pool_refs.append(ray.put(np.stack([r["lq"] for r in rows])))
     ds = ray.data.range(samples, override_num_blocks=max(1, samples // (4 * spec.batch)))
     ds = ds.map_batches(make_pairs, batch_size=spec.batch, num_cpus=1,
-                        fn_kwargs={"pool": [pool_ref], "spec": spec, "offset": first_step * per_step})
+                        fn_kwargs={"pool": pool_refs, "spec": spec, "offset": first_step * per_step})
     used = sorted({r["uri"] for r in train_rows + val_rows})
     provenance = {
         "data": spec.data, "sources": len(used), "skipped": len(skipped),
         "source_files": [posixpath.basename(u) for u in used][:50],
         "licence_files": licences, "licence": spec.data_licence, "pool_clips": len(pool),
+        "pool_variants": spec.pool_variants,
         "validation": held_out,
         "recipe": recipe_summary(spec.stage),
     }

@@ -100,6 +100,17 @@ def test_a_fidelity_only_run_resumed_with_a_gan_phase(ray_address, clean_data, t
     assert made.shape == (6, 24, 40, 3) and np.array_equal(made[0::2], frames)
 
 
+def test_deblock_from_pool_variants(ray_address, clean_data, tmp_path):
+    """--pool-variants: the pool is degraded through real codecs once, up front, and the run trains on patches of
+    those pairs; the card says so."""
+    out = tmp_path / "deblock"
+    run_training(spec(clean_data, out, stage="deblock", arch_args={"features": 8, "blocks": 2}, steps=2,
+                      gan_steps=0, pool_variants=2), log=lambda m: None)
+    card = read_card(str(out), "deblock", "fidelity")
+    assert card["data"]["pool_variants"] == 2 and card["metrics"]["step"] == 2
+    assert np.isfinite(card["metrics"]["val_psnr"])
+
+
 def test_bad_train_specs_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="cannot train stage 'identity'"):
         spec(tmp_path, tmp_path / "o", stage="identity")

@@ -116,3 +116,25 @@ def test_interpolation_patches_favour_motion():
                  for i in range(40)]  # the clean branch of interp2x's recipe: hq is the patch as cut
         picks[stage] = np.mean([motion(hq) > 0 for _, hq in pairs])
     assert picks["interp2x"] > 0.9 > picks["denoise"] > 0.3
+
+
+def test_pool_variant_patches_stay_aligned_with_their_targets():
+    """A patch of a degraded pool clip and of its clean original cover the same pixels through every flip,
+    rotation and time reversal (here the 'degradation' is a 2x2 block average, which commutes with them)."""
+    from jobs.train_data import cut_pair
+
+    hq = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+
+    def block_mean(x):
+        t, h, w, c = x.shape
+        return (x.reshape(t, h // 2, 2, w // 2, 2, c).astype(np.uint16).sum((2, 4)) // 4).astype(np.uint8)
+
+    lq = block_mean(hq)
+    spec = TrainSpec(stage="sr2x", data="d", out="o", patch=32, pool_variants=1)
+    seen = set()
+    for seed in range(12):
+        lq_patch, hq_patch = cut_pair(lq, hq, spec, 2, np.random.default_rng(seed))
+        assert lq_patch.shape == (3, 16, 16, 3) and hq_patch.shape == (3, 32, 32, 3)
+        assert np.array_equal(block_mean(hq_patch), lq_patch)
+        seen.add(lq_patch.tobytes())
+    assert len(seen) == 12  # a different patch or orientation each time
