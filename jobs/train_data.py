@@ -167,7 +167,7 @@ def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> d
 # Interpolation patches: the most moving of this many random candidates. Most patches of real footage are static
 # background, where the frame average is already right and the flow gets no gradient; the first interpolator
 # trained on uniform patches learnt to average (0.0-0.2 dB over the average of the neighbours, where FFmpeg's
-# minterpolate gains 0.5-1.3 dB). Video interpolation training sets are curated for motion the same way
+# minterpolate gains 0.2-1.6 dB). Video interpolation training sets are curated for motion the same way
 # (Vimeo-90K's triplets were selected for it: Xue et al., IJCV 2019).
 MOTION_CANDIDATES = 4
 

@@ -201,7 +201,7 @@ def test_describe_is_json_for_model_cards():
         assert abs(sum(b["probability"] for b in card["branches"]) - 1) < 1e-3
     noise = describe(RECIPES["denoise"])["branches"][0]["ops"][-1]
     assert noise == {"op": "gaussian_noise", "p": 1.0,
-                     "params": {"sigma": "uniform(1, 50)", "gray": "choice(True: 0.40, False: 0.60)"}}
+                     "params": {"sigma": "uniform(1, 30)", "gray": "choice(True: 0.40, False: 0.60)"}}
 
 
 def test_codec_roundtrip_keeps_odd_sizes_and_fidelity(clip):
