@@ -147,6 +147,9 @@ class Chain:
         # Tile side in input pixels; None: only when one frame alone exceeds the per-forward pixel budget.
         self.tile = tile
         self.tile_overlap = tile_overlap
+        # Output pixels per forward, which bounds activation memory: ~2 MP on CPU (cache friendly), ~32 MP on a
+        # GPU. A caller that runs out of memory lowers it and runs again (smaller batches, then tiles).
+        self.pixel_budget = 32e6 if self.device.type == "cuda" else 2e6
         for step in steps:
             if step.net is not None:
                 step.net.to(self.device)
@@ -161,22 +164,22 @@ class Chain:
         return ",".join(str(s.ref) for s in self.steps)
 
     @property
-    def _pixel_budget(self) -> float:
-        # Bound activation memory by output pixels per forward: ~2 MP on CPU (cache friendly), ~32 MP on a GPU.
-        return 32e6 if self.device.type == "cuda" else 2e6
+    def min_pixel_budget(self) -> float:
+        """Below this budget nothing shrinks further: one frame per batch, tiles of the smallest side."""
+        return float((2 * self.tile_overlap + 16) ** 2)
 
     def _batch(self, height: int, width: int, scale: int) -> int:
         if self.batch_frames:
             return self.batch_frames
-        return max(1, int(self._pixel_budget // (height * width * scale * scale)))
+        return max(1, int(self.pixel_budget // (height * width * scale * scale)))
 
     def _tile_for(self, height: int, width: int, scale: int) -> int | None:
         """The tile side for a frame of this size, or None when it runs whole."""
         if self.tile:
             return self.tile if max(height, width) > self.tile else None
-        if height * width * scale * scale <= self._pixel_budget:
+        if height * width * scale * scale <= self.pixel_budget:
             return None
-        return max(2 * self.tile_overlap + 16, int(math.sqrt(self._pixel_budget) / scale))
+        return max(2 * self.tile_overlap + 16, int(math.sqrt(self.pixel_budget) / scale))
 
     @torch.inference_mode()
     def run(self, frames: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import ffmpeg, storage
+from pipeline import faults, ffmpeg, storage
 from pipeline.config import EncodeSpec
 from pipeline.probe import VideoInfo
 
@@ -40,6 +40,7 @@ def decode_chunk(row: dict[str, Any]) -> dict[str, Any]:
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
            "frames_out": 0, "segment_uri": "", "worker": _worker()}
     try:
+        faults.maybe_fail("decode", row)
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
         with storage.ffmpeg_input(row["source_uri"]) as src:
@@ -64,6 +65,8 @@ class RestoreStage:
 
         torch.set_num_threads(max(1, threads))
         self.chain = load_chain(chain, models)
+        if (limit := faults.memory_limit()) is not None:
+            faults.limit_memory(self.chain, limit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row = {k: v[0] for k, v in batch.items()}
@@ -75,10 +78,48 @@ class RestoreStage:
         t = self.chain.temporal_factor
         own = slice(int(row["frame_start"] - row["decode_start"]) * t, int(row["frame_end"] - row["decode_start"]) * t)
         try:
-            out = self.chain.run(np.asarray(row["frames"]))
+            faults.maybe_fail("restore", row)
+            out = self._run_within_memory(np.asarray(row["frames"]))
+        except OutOfMemory as err:
+            return _failed(row, "oom", err)
         except Exception as err:  # noqa: BLE001
             return _failed(row, "restore", err)
         return {**row, "frames": np.ascontiguousarray(out[own]), "worker": _worker()}
+
+    def _run_within_memory(self, frames: np.ndarray) -> np.ndarray:
+        """Run the chain; out of memory, run it again with a quarter of the pixels per forward (fewer frames
+        per batch, then smaller tiles) until it fits or nothing can shrink further. Outputs are the same
+        whatever the budget, up to the blending of tile seams."""
+        import torch
+
+        budget = self.chain.pixel_budget
+        try:
+            while True:
+                try:
+                    return self.chain.run(frames)
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+                    if not _out_of_memory(err):
+                        raise
+                    if self.chain.pixel_budget / 4 < self.chain.min_pixel_budget:
+                        raise OutOfMemory(f"out of memory even one frame at a time in the smallest tiles "
+                                          f"({err}); give the restore actors more memory") from err
+                    self.chain.pixel_budget /= 4
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+        finally:
+            self.chain.pixel_budget = budget  # the next chunk may be smaller; start from the full budget
+
+
+class OutOfMemory(RuntimeError):
+    """The chain did not fit in memory at any batch size or tile size."""
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    # torch raises OutOfMemoryError on GPUs; its CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator:
+    # can't allocate memory").
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
 
 
 def _one(value: Any) -> np.ndarray:
@@ -94,6 +135,7 @@ def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str,
     """CPU task: encode the restored frames to a video-only segment in the job area; drop the frames."""
     if not row["error_kind"]:
         try:
+            faults.maybe_fail("encode", row)
             row = _encode(row, encode, segments_root, temporal)
         except Exception as err:  # noqa: BLE001
             row = _failed(row, "encode", err)

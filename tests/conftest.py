@@ -4,6 +4,7 @@ that look at outputs the way a user would (decoded frames, packet hashes)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -28,7 +29,26 @@ TINY_ARGS = {
 
 
 @pytest.fixture(scope="session")
-def ray_address():
+def faults_file(tmp_path_factory) -> Path:
+    """Where the fault-injection suite writes its faults (pipeline/faults.py); Ray's workers inherit the
+    variable from this process, which starts Ray. No file, no faults."""
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    os.environ["REELMEND_FAULTS"] = str(path)
+    return path
+
+
+@pytest.fixture
+def inject(faults_file):
+    """inject([...faults]) arms faults for the rest of the test; they are disarmed afterwards."""
+    def arm(faults: list[dict]) -> None:
+        faults_file.write_text(json.dumps(faults))
+    yield arm
+    for path in faults_file.parent.glob("faults.json*"):
+        path.unlink()
+
+
+@pytest.fixture(scope="session")
+def ray_address(faults_file):
     """A real local Ray instance shared by the session (starting one costs ~5 s)."""
     import ray
 

@@ -1,0 +1,102 @@
+"""Faults inside a job on the session's Ray instance: a stage raising on a chunk, a worker process dying, the
+model running out of memory. Each job must finish what it can, retry what it should, and say what failed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from conftest import decode, make_clip, psnr, write_tiny_weights
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from pipeline.plan import video_id
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def chunk_events(dest: Path) -> list[dict]:
+    (job,) = (dest / "_reelmend").iterdir()
+    return [e for e in pq.read_table(job / "events").to_pylist() if e["chunk_index"] >= 0]
+
+
+def status(dest: Path) -> dict[str, dict]:
+    result = cli("status", str(dest), "--json")
+    return {v["path"]: v for v in json.loads(result.output)["videos"]}
+
+
+def test_a_chunk_that_keeps_failing_fails_its_video_alone(tmp_path, ray_address, inject):
+    src = tmp_path / "in"
+    make_clip(src / "flaky.mkv", frames=40, extra=("-c:v", "ffv1"))
+    make_clip(src / "broken.mkv", frames=40, extra=("-c:v", "ffv1"))
+    make_clip(src / "fine.mkv", frames=40, extra=("-c:v", "ffv1"))
+    inject([{"stage": "restore", "rel_path": "flaky.mkv", "chunk_index": 1, "kind": "raise", "times": 1},
+            {"stage": "restore", "rel_path": "broken.mkv", "chunk_index": 2, "kind": "raise"}])
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10",
+                 "--max-attempts", "2")
+    assert result.exit_code == 3, result.output
+
+    videos = status(dest)
+    assert videos["flaky.mkv"]["status"] == "done"  # failed once, then succeeded on its second attempt
+    assert videos["fine.mkv"]["status"] == "done"
+    assert videos["broken.mkv"]["status"] == "failed"
+    assert "chunk 2" in videos["broken.mkv"]["reason"] and "injected fault" in videos["broken.mkv"]["reason"]
+    assert not (dest / "broken.mkv").exists()
+    for name in ("flaky.mkv", "fine.mkv"):
+        assert np.array_equal(decode(dest / name), decode(src / name))
+
+    events = chunk_events(dest)
+    failed = [(e["video_id"], e["chunk_index"], e["attempt"]) for e in events if e["status"] == "failed"]
+    # broken's chunk 2 was tried --max-attempts times, flaky's chunk 1 once; nothing else failed
+    assert sorted(failed) == sorted([(video_id("broken.mkv"), 2, 1), (video_id("broken.mkv"), 2, 2),
+                                     (video_id("flaky.mkv"), 1, 1)])
+
+    # a second run gives the failed video no more attempts, and changes nothing
+    again = cli("resume", str(dest))
+    assert again.exit_code == 3
+    assert len(chunk_events(dest)) == len(events)
+
+
+def test_a_worker_process_that_dies_mid_chunk_is_replaced(tmp_path, ray_address, inject):
+    src = tmp_path / "in"
+    make_clip(src / "clip.mkv", frames=40, extra=("-c:v", "ffv1"))
+    inject([{"stage": "restore", "rel_path": "clip.mkv", "chunk_index": 1, "kind": "crash", "times": 1},
+            {"stage": "decode", "rel_path": "clip.mkv", "chunk_index": 3, "kind": "crash", "times": 1}])
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
+    done = [e for e in chunk_events(dest) if e["status"] == "done"]
+    assert sorted(e["chunk_index"] for e in done) == [0, 1, 2, 3]  # each recorded done once
+
+
+def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path, ray_address, inject):
+    src = tmp_path / "in"
+    make_clip(src / "clip.mkv", size="96x64", frames=20, extra=("-c:v", "ffv1"))
+    weights = write_tiny_weights(tmp_path / "weights", "denoise", perturb=0.05)
+    args = ["--chain", "denoise", "--models", str(weights), "--lossless", "--chunk-frames", "10"]
+    reference = tmp_path / "reference"
+    assert cli("restore", str(src), str(reference), *args).exit_code == 0
+
+    # one 96x64 frame (6,144 pixels) fits under the limit, a batch of two does not: the chunks succeed once
+    # the stage has come down to one frame per forward
+    inject([{"stage": "restore", "kind": "memory", "max_pixels": 7000}])
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), *args)
+    assert result.exit_code == 0, result.output
+    assert psnr(decode(dest / "clip.mkv"), decode(reference / "clip.mkv")) > 50
+
+    # not even one tile fits: the chunk fails with the reason, the job ends with exit code 3
+    inject([{"stage": "restore", "kind": "memory", "max_pixels": 1000}])
+    dest = tmp_path / "starved"
+    result = cli("restore", str(src), str(dest), *args, "--max-attempts", "1")
+    assert result.exit_code == 3, result.output
+    reason = status(dest)["clip.mkv"]["reason"]
+    assert "oom" in reason and "out of memory" in reason and "\n" not in reason
