@@ -41,6 +41,7 @@ def _validation_message(err: ValidationError) -> str:
 def _guarded(fn, verbose: bool):
     """Map failures to exit codes: config and input problems are 2, anything unexpected is 1."""
     from models.weights import WeightsError
+    from pipeline.lease import LeaseHeld
 
     try:
         return fn()
@@ -48,7 +49,7 @@ def _guarded(fn, verbose: bool):
         raise
     except ValidationError as err:
         _fail(ValueError(_validation_message(err)), EXIT_USAGE, verbose)
-    except (WeightsError, FileNotFoundError, ValueError) as err:
+    except (WeightsError, FileNotFoundError, ValueError, LeaseHeld) as err:
         _fail(err, EXIT_USAGE, verbose)
     except KeyboardInterrupt:
         console.print("interrupted; `reelmend resume DEST` continues where this stopped")

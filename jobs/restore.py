@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.chain import chain_geometry, check_weights, parse_chain
-from pipeline import storage
+from pipeline import lease, storage
 from pipeline.config import JobSpec
 from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
@@ -80,6 +80,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
+    with lease.hold(manifest.root):  # one driver per job: a second `resume` stops here with LeaseHeld
+        result = _run_job(spec, job_id, manifest, address, log)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None,
+             log: Callable[[str], None]) -> JobResult:
     if manifest.has_plan():
         stored = manifest.read_spec()
         if _shaping(stored) != _shaping(spec):
@@ -94,13 +102,12 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         connect(address)
         make_plan(spec, job_id, manifest, files, log)
     plan = manifest.read_plan().to_pylist()
-    storage.clean_staging(manifest.root)  # leftovers of a run that was killed (a lease keeps runs apart)
+    storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, log)
     _stitch_ready(spec, manifest, plan, temporal, log)
     result.videos = summarize(manifest, plan, spec.max_attempts)
-    result.seconds = time.monotonic() - started
     return result
 
 

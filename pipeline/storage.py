@@ -99,6 +99,20 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # a single PUT: object stores publish whole objects
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create a small object only if nothing exists at `uri`; False when something does. Object stores do
+    this with a conditional PUT (If-None-Match: *), which s3fs sends for mode "xb"."""
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
 def _hidden_tmp(path: str) -> str:
     """A temporary sibling whose leading dot keeps dataset readers (pyarrow, DuckDB) from listing it."""
     head, tail = os.path.split(path)

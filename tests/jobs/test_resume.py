@@ -69,3 +69,32 @@ def test_driver_killed_mid_job_resumes_only_unfinished_chunks(tmp_path, clips, r
     result = runner.invoke(app, ["restore", str(src), str(uninterrupted), *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert np.array_equal(decode(dest / "bikes.mkv"), decode(uninterrupted / "bikes.mkv"))
+
+
+def test_a_second_run_on_the_same_dest_stops_while_the_first_proceeds(tmp_path, clips, ray_address):
+    src = tmp_path / "in"
+    src.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "80", "-vf", "scale=160:68", "-c:v", "libx264",
+           str(src / "bikes.mp4"))
+    dest = tmp_path / "out"
+    reelmend = str(Path(sys.executable).with_name("reelmend"))
+    first = subprocess.Popen([reelmend, "restore", str(src), str(dest), "--chain", "identity", "--lossless",
+                              "--chunk-frames", "10", "--address", ray_address],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and not list(dest.glob("_reelmend/job-*/plan")):
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run finished before the second could start"
+
+    second = runner.invoke(app, ["resume", str(dest)])
+    assert second.exit_code == 2
+    assert "already being run" in second.output and f"pid {first.pid}" in second.output
+
+    assert first.wait(timeout=300) == 0
+    (job,) = (dest / "_reelmend").glob("job-*")
+    done = Counter((e["video_id"], e["chunk_index"]) for e in pq.read_table(job / "events").to_pylist()
+                   if e["status"] == "done" and e["chunk_index"] >= 0)
+    assert len(done) == 8 and set(done.values()) == {1}
+    assert np.array_equal(decode(dest / "bikes.mkv"), decode(src / "bikes.mp4"))
+    # the lease went with the first run: a later resume proceeds (and has nothing left to do)
+    assert runner.invoke(app, ["resume", str(dest)]).exit_code == 0

@@ -1,0 +1,106 @@
+"""One driver at a time per job: a lease in the job area, DEST/_reelmend/<job_id>/lease.
+
+Two `resume` runs over the same DEST would run the same chunks twice and both clean the other's staging
+files. The first to take the lease proceeds; the second stops at once with a message naming the holder.
+
+* Local (and network-mounted) destinations: an exclusive `flock` on the lease file, held for the whole run.
+  The kernel releases it when the process dies, however it dies, so a killed driver never blocks `resume`.
+* Object stores: a lease object created only if absent (a conditional PUT, `If-None-Match: *`), renewed by a
+  heartbeat thread every TTL/4 and deleted at the end. A lease not renewed for TTL seconds belongs to a dead
+  driver and is taken over. Two drivers that find the same expired lease within the same instant could both
+  delete it; the conditional create then lets only one of them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+from pipeline import storage
+
+TTL = 60.0
+
+
+class LeaseHeld(RuntimeError):
+    """Another driver is running this job."""
+
+
+def _holder() -> dict:
+    now = time.time()
+    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
+            "renewed_at": now}
+
+
+def _held_message(root: str, holder: dict) -> str:
+    since = datetime.fromtimestamp(holder.get("acquired_at", 0), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return (f"job {root.rsplit('/', 1)[-1]} is already being run by {holder.get('host', '?')} "
+            f"(pid {holder.get('pid', '?')}, since {since} UTC); wait for that run to finish or stop it, "
+            f"then run `reelmend resume` again")
+
+
+@contextlib.contextmanager
+def hold(root: str) -> Iterator[None]:
+    """Hold the job's lease for the duration of the block; raises LeaseHeld when another run holds it."""
+    uri = storage.join(root, "lease")
+    if storage.is_local(uri):
+        with _hold_local(root, storage.fs_and_path(uri)[1]):
+            yield
+    else:
+        with _hold_object(root, uri):
+            yield
+
+
+@contextlib.contextmanager
+def _hold_local(root: str, path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            raise LeaseHeld(_held_message(root, json.loads(text) if text.strip() else {})) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)  # who holds it, for the other run's message
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next run's flock)
+
+
+@contextlib.contextmanager
+def _hold_object(root: str, uri: str) -> Iterator[None]:
+    me = _holder()
+    if not storage.create_exclusive(uri, json.dumps(me).encode()):
+        holder = json.loads(storage.read_bytes(uri))
+        if time.time() - holder.get("renewed_at", 0) < TTL:
+            raise LeaseHeld(_held_message(root, holder))
+        storage.remove(uri)  # expired: its driver died without releasing it
+        if not storage.create_exclusive(uri, json.dumps(me).encode()):
+            raise LeaseHeld(_held_message(root, json.loads(storage.read_bytes(uri))))
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(TTL / 4):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; TTL allows three
+                if json.loads(storage.read_bytes(uri)).get("token") == me["token"]:
+                    storage.write_bytes(uri, json.dumps({**me, "renewed_at": time.time()}).encode())
+
+    thread = threading.Thread(target=renew, daemon=True, name="reelmend-lease")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            if json.loads(storage.read_bytes(uri)).get("token") == me["token"]:
+                storage.remove(uri)
