@@ -9,9 +9,11 @@ as the arguments FFmpeg documents.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 from collections import deque
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -36,9 +38,38 @@ def work_timeout(frames: int, pixels: int, seconds_per_mpx: float = 1.0, base: f
     return base + frames * pixels / 1e6 * seconds_per_mpx
 
 
+# FFmpeg names its input in errors; a presigned URL's query string is a credential (its signature), which must
+# never reach a log or a manifest.
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    return _SIGNED_QUERY.sub(r"\1?<signature redacted>", text)
+
+
+# FFmpeg's log context, "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d3a861e1c0] ": a memory address tells a user nothing,
+# and a console that reads square brackets as markup eats it.
+_LOG_CONTEXT = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
+
+
 def _last_lines(stderr: bytes, n: int = 2) -> str:
-    lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-    return " | ".join(lines[-n:]) if lines else "no error output"
+    """FFmpeg's last `n` distinct log lines, as one line."""
+    lines: list[str] = []
+    for raw in stderr.decode("utf-8", "replace").splitlines():
+        line = _LOG_CONTEXT.sub("", raw.strip())
+        if line and not line.startswith("Last message repeated") and line not in lines[-1:]:
+            lines.append(line)
+    return redact(" | ".join(lines[-n:])) if lines else "no error output"
+
+
+def input_args(src: str) -> list[str]:
+    """Options for reading `src`: over HTTP (a presigned object URL), reconnect on dropped connections and
+    5xx answers with backoff for up to a minute, as reelmend's storage calls retry, instead of failing the
+    chunk on the first throttled range request."""
+    if not src.startswith(("http://", "https://")):
+        return []
+    return ["-reconnect", "1", "-reconnect_on_network_error", "1", "-reconnect_on_http_error", "5xx",
+            "-reconnect_delay_max", "60"]
 
 
 def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,
@@ -74,8 +105,10 @@ def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes
             raise FFmpegError(what, f"timed out after {timeout:.0f} s")
         raise FFmpegError(what, _last_lines(stderr))
     if stdout_into is not None and got != stdout_into.nbytes:
-        raise FFmpegError(what, f"produced {got} of {stdout_into.nbytes} expected bytes "
-                                f"({_last_lines(stderr) if stderr else 'stream ended early'})")
+        why = _last_lines(stderr) if stderr else "stream ended early"
+        if stdout_into.ndim == 4 and len(stdout_into):  # frames: a count says more than bytes
+            raise FFmpegError(what, f"produced {got // stdout_into[0].nbytes} of {len(stdout_into)} frames ({why})")
+        raise FFmpegError(what, f"produced {got} of {stdout_into.nbytes} expected bytes ({why})")
     return out
 
 
@@ -104,8 +137,8 @@ def _read_into(stream, view: memoryview) -> int:
 # -- ffprobe ------------------------------------------------------------------------------------------------
 
 def probe_json(src: str, timeout: float = 120.0) -> dict:
-    args = [FFPROBE, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", "-show_chapters",
-            src]
+    args = [FFPROBE, "-v", "error", *input_args(src), "-print_format", "json", "-show_format", "-show_streams",
+            "-show_chapters", src]
     out = run(args, timeout=timeout, what="ffprobe could not read the file")
     return json.loads(out)
 
@@ -113,7 +146,7 @@ def probe_json(src: str, timeout: float = 120.0) -> dict:
 def packet_times(src: str, stream_index: int, timeout: float) -> tuple[list[float | None], list[bool]]:
     """Presentation time and keyframe flag of every packet of one stream that the demuxer does not discard
     (packets flagged D, e.g. before an MP4 edit list's start, never become output frames)."""
-    args = [FFPROBE, "-v", "error", "-select_streams", str(stream_index), "-show_entries",
+    args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index), "-show_entries",
             "packet=pts_time,dts_time,flags", "-of", "csv=p=0", src]
     out = run(args, timeout=timeout, what="ffprobe could not read the packets")
     times: list[float | None] = []
@@ -130,23 +163,115 @@ def packet_times(src: str, stream_index: int, timeout: float) -> tuple[list[floa
 
 # -- decode -------------------------------------------------------------------------------------------------
 
+# Frames a decoder may hold back to reorder them (H.264 and HEVC allow up to 16): a packet read later can
+# still be presented earlier than the last ones read, by at most this many frames.
+REORDER = 16
+
+
+@dataclass(frozen=True)
+class Window:
+    """How to decode one chunk, in seconds on the decode's timeline (0 at `seek`, or at the file's start)."""
+
+    seek: float | None  # -ss: at the last keyframe at or before the chunk's first frame; None: from the start
+    start: float  # frames before this are dropped (decoded only as references)
+    end: float | None  # halfway past the chunk's last frame; None: the chunk ends with the stream
+
+
+def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Window | None:
+    """Where the chunk of `n_frames` frames from the first frame at or after `seek` (seconds from the file's
+    start) lies, from the packets around it. None when the stream has no timestamps (raw elementary streams
+    such as .h264 or .m2v, which FFmpeg cannot seek in).
+
+    FFmpeg's -ss alone is not enough: in MPEG-TS/PS it lands on whatever packet is nearest, not on a keyframe,
+    and the decoder then skips to the next keyframe; and a packet the decoder rejects (damage) yields no
+    frame. Either way `-frames:v N` would quietly fill the chunk with the frames after it. Seeking to a
+    keyframe found here and cutting at the chunk's end by timestamp makes such a chunk come out short instead,
+    which fails loudly."""
+    back, count = 2.0, n_frames + 64
+    while True:
+        origin = max(0.0, seek - back)
+        # "+T" is relative to the file's start, as -ss is; "%+#N" reads N packets of the stream from there.
+        interval = (f"+{origin:.6f}" if origin > 0 else "") + f"%+#{count}"
+        args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index),
+                "-read_intervals", interval, "-show_entries", "packet=pts_time,dts_time,flags:format=start_time",
+                "-of", "json", src]
+        try:
+            meta = json.loads(run(args, timeout=work_timeout(count, 1, 0.0),
+                                  what="ffprobe could not read the packets"))
+        except FFmpegError:
+            if origin > 0:
+                return None  # "Could not seek": a stream without timestamps
+            raise
+        packets = meta.get("packets") or []
+        base = float((meta.get("format") or {}).get("start_time") or 0.0)
+        frames = []  # (presentation time, time to seek to, keyframe) of each packet that becomes a frame
+        for p in packets:
+            if "D" in p.get("flags", ""):
+                continue  # discarded by the demuxer (before an edit list's start)
+            pts, dts = (float(p[k]) if p.get(k) not in (None, "N/A") else None for k in ("pts_time", "dts_time"))
+            frames.append((pts if pts is not None else dts, dts if dts is not None else pts,
+                           "K" in p.get("flags", "")))
+        if not frames or any(t is None for t, _, _ in frames):
+            return None
+        times = sorted(t for t, _, _ in frames)
+        eof = len(packets) < count
+        # FFmpeg compares timestamps in microseconds: a frame within one of `seek` is at it
+        after = [t for t in times if t >= base + seek - 1e-6] if seek > 0 else times
+        if not after:
+            if eof:
+                raise FFmpegError("decoding failed", f"the stream has no frame at or after {seek:.3f} s")
+            count *= 4
+            continue
+        first = after[0]
+        keys = [(t, at) for t, at, key in frames if key and t <= first + 1e-6]
+        if seek > 0 and not keys and origin > 0:
+            back, count = back * 4, count * 4  # the keyframe is further back
+            continue
+        if len(after) < n_frames + 1 + REORDER and not eof:
+            count *= 4
+            continue
+        # Seek to the keyframe's decode time (MPEG-TS seeks by decode time: its presentation time can lie past
+        # the packets that follow it), 1 us past the printed value so that rounding never lands a GOP early.
+        at = max(keys)[1] - base + 1e-6 if seek > 0 and keys else 0.0
+        zero = max(at, 0.0)  # the decode's timeline starts at the seek point
+        # cut halfway to the frame before (frames of an earlier GOP may come out of a seek that lands early)
+        before = [t for t in times if t < first]
+        start = ((before[-1] + first) / 2 if before else first - 1e-3) - base - zero
+        end = (after[n_frames - 1] + after[n_frames]) / 2 - base - zero if len(after) > n_frames else None
+        return Window(seek=zero or None, start=start, end=end)
+
+
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
                   high_depth: bool, matrix: str, full_range: bool | None) -> np.ndarray:
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
-    (relative to the file's start; FFmpeg seeks to the keyframe before it and drops the frames before it).
+    (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
+    and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp. A frame that
+    cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes its place.
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
     their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate)."""
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
+    seek = seek if seek is not None and seek > 0 else 0.0
+    window = chunk_window(src, stream_index, seek, n_frames)
+    frames_before = 0
     args = [*BASE, "-noautorotate"]
-    if seek is not None and seek > 0:
-        args += ["-ss", f"{seek:.6f}"]
-    args += ["-i", src, "-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
-             "-vf", f"scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
+    cut = ""
+    if window is None:  # no timestamps, no seeking: decode from the start and drop the frames before `seek`
+        args += [*input_args(src), "-i", src] + (["-ss", f"{seek:.6f}"] if seek else [])
+        frames_before = int(seek * 240)  # a bound for the timeout: 240 fps at most
+    else:
+        if window.seek is not None:
+            # -noaccurate_seek: FFmpeg's own cut at the seek point would drop the keyframe's frame when the
+            # printed time rounds up past it; the trim below does the cutting.
+            args += ["-noaccurate_seek", "-ss", f"{window.seek:.6f}"]
+        args += [*input_args(src), "-i", src]
+        cut = f"trim=start={window.start:.6f}" + (f":end={window.end:.6f}" if window.end is not None else "") + ","
+    args += ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+             "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
              "-pix_fmt", pix_fmt, "-f", "rawvideo", "pipe:1"]
     frames = np.empty((n_frames, height, width, 3), dtype=dtype)
-    run(args, stdout_into=frames, timeout=work_timeout(n_frames, width * height),
+    run(args, stdout_into=frames, timeout=work_timeout(n_frames + frames_before, width * height),
         what=f"decoding {n_frames} frames failed")
     return frames
 
@@ -212,7 +337,7 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
     (global and per stream), without re-encoding. The one exception: MP4's mov_text subtitles have no
     Matroska mapping, so they become SubRip text when the output is .mkv."""
     args = [*BASE, "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,http,https,tcp,tls,crypto",
-            "-i", list_file, "-i", source, "-map", "0:v:0"]
+            "-i", list_file, *input_args(source), "-i", source, "-map", "0:v:0"]
     kept = [(i, kind, codec) for i, kind, codec in streams
             if kind in ("audio", "subtitle") or kind == "attachment" and out_format == "matroska"]
     for index, _, _ in kept:

@@ -81,11 +81,16 @@ def _hold_object(root: str, uri: str) -> Iterator[None]:
     me = _holder()
     if not storage.create_exclusive(uri, json.dumps(me).encode()):
         holder = json.loads(storage.read_bytes(uri))
-        if time.time() - holder.get("renewed_at", 0) < TTL:
+        if holder.get("token") == me["token"]:
+            pass  # our own create, retried after its response was lost
+        elif time.time() - holder.get("renewed_at", 0) < TTL:
             raise LeaseHeld(_held_message(root, holder))
-        storage.remove(uri)  # expired: its driver died without releasing it
-        if not storage.create_exclusive(uri, json.dumps(me).encode()):
-            raise LeaseHeld(_held_message(root, json.loads(storage.read_bytes(uri))))
+        else:
+            storage.remove(uri)  # expired: its driver died without releasing it
+            if not storage.create_exclusive(uri, json.dumps(me).encode()):
+                holder = json.loads(storage.read_bytes(uri))
+                if holder.get("token") != me["token"]:
+                    raise LeaseHeld(_held_message(root, holder))
     stop = threading.Event()
 
     def renew() -> None:

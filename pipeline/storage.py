@@ -9,18 +9,67 @@ moves the result to its URI (an atomic rename on local disks, one upload on obje
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import logging
 import os
 import posixpath
+import random
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 JOB_AREA = "_reelmend"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Backoff before each retry of a storage call that failed transiently: about a minute in all, which outlasts
+# a store's throttling or a dropped connection (s3fs and botocore retry for only ~4 s by themselves) but not a
+# real outage. Each wait is jittered, so many workers do not retry in step.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+# What a store answers for throttling, 5xx and broken connections, after s3fs's translation (s3fs/errors.py:
+# 503 and SlowDown become EBUSY); a missing key, a refused permission or a bad request is permanent.
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.EPIPE, errno.EIO, errno.EREMOTEIO}
+
+
+def is_transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, OSError):
+        return err.errno in TRANSIENT_ERRNOS or err.errno is None
+    # botocore's and aiohttp's connection errors when they escape s3fs untranslated
+    return type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3")
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry `fn` with jittered exponential backoff while it fails transiently; a permanent error (or the
+    last transient one) propagates, and fails the one video or commit that needed it."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs) -> T:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if delay is None or not is_transient(err):
+                    raise
+                log.warning("storage: %s failed (%s); retrying in %.1f s", fn.__name__, err, delay)
+                time.sleep(delay * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    return call
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -47,6 +96,7 @@ def is_local(uri: str) -> bool:
     return isinstance(fs_and_path(uri)[0], LocalFileSystem)
 
 
+@retrying
 def list_files(src: str) -> list[tuple[str, str]]:
     """Every file under `src`, recursively, as (uri, path relative to src), sorted; skips reelmend's job areas."""
     fs, root = fs_and_path(src)
@@ -65,11 +115,13 @@ def list_files(src: str) -> list[tuple[str, str]]:
     return out
 
 
+@retrying
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
     return fs.exists(path)
 
 
+@retrying
 def ls(uri: str) -> list[str]:
     """Names directly under `uri` (empty when it does not exist). Never a cached listing: other processes
     write there (s3fs and gcsfs cache directory listings per filesystem instance)."""
@@ -80,12 +132,14 @@ def ls(uri: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+@retrying
 def read_bytes(uri: str) -> bytes:
     fs, path = fs_and_path(uri)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@retrying
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a small object so that readers see either nothing or all of it."""
     fs, path = fs_and_path(uri)
@@ -99,6 +153,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # a single PUT: object stores publish whole objects
 
 
+@retrying
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Create a small object only if nothing exists at `uri`; False when something does. Object stores do
     this with a conditional PUT (If-None-Match: *), which s3fs sends for mode "xb"."""
@@ -119,6 +174,7 @@ def _hidden_tmp(path: str) -> str:
     return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+@retrying
 def remove(uri: str) -> None:
     fs, path = fs_and_path(uri)
     if fs.exists(path):
@@ -149,6 +205,7 @@ def clean_staging(uri: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+@retrying
 def publish(local: Path, uri: str) -> None:
     """Move a finished local file to `uri` atomically: readers never see a partial output."""
     fs, path = fs_and_path(uri)
@@ -179,7 +236,7 @@ def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         folder = stage_in or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reelmend-in-")))
         local = folder / f"{uuid.uuid4().hex}{posixpath.splitext(path)[1]}"
-        fs.get_file(path, str(local))
+        retrying(fs.get_file)(path, str(local))
         try:
             yield str(local)
         finally:

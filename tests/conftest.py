@@ -48,7 +48,23 @@ def inject(faults_file):
 
 
 @pytest.fixture(scope="session")
-def ray_address(faults_file):
+def s3():
+    """An S3-compatible server on loopback (moto, behind a proxy that misbehaves on demand). Clients find it
+    the way users' do, through the standard AWS variables, which Ray's workers inherit from this process."""
+    import logging
+
+    from s3server import FlakyS3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    server = FlakyS3().start()
+    os.environ.update(AWS_ACCESS_KEY_ID="reelmend-test-key", AWS_SECRET_ACCESS_KEY="reelmend-test-secret-0123",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=server.endpoint)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(faults_file, s3):
     """A real local Ray instance shared by the session (starting one costs ~5 s)."""
     import ray
 

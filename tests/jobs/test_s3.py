@@ -1,0 +1,71 @@
+"""A restore from one bucket to another on an S3-compatible server (moto on loopback) that throttles and drops
+connections for a while and refuses one object for good: the transient errors are retried, the refused video
+fails alone, and the manifest lives in the bucket beside the outputs, with no credential in it."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from conftest import decode, ffmpeg, stream_hashes
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner()
+
+
+def test_restore_between_buckets_through_storage_faults(tmp_path, clips, s3, ray_address):
+    local = tmp_path / "in"
+    local.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "50", "-vf", "scale=320:180", "-c:v", "libx264",
+           str(local / "bikes.mp4"))
+    ffmpeg("-i", str(clips / "bigbuckbunny.mp4"), "-t", "2", "-vf", "scale=320:180", "-c:v", "libx264",
+           "-c:a", "copy", str(local / "bunny.mp4"))
+    fs = fsspec.filesystem("s3")
+    bucket = f"archive-{os.getpid()}"
+    fs.mkdir(bucket)
+    for name in ("bikes.mp4", "bunny.mp4"):
+        fs.put_file(str(local / name), f"{bucket}/raw/{name}")
+    fs.put_file(str(local / "bikes.mp4"), f"{bucket}/raw/sealed/denied.mp4")
+
+    faults = [
+        s3.fail(None, 403, match="denied.mp4"),     # permanent: this object is refused for good
+        s3.fail(6, 503, match="/_reelmend/"),       # the driver's manifest commits are throttled...
+        s3.fail(3, None, match="/_reelmend/"),      # ...then their connections dropped
+        s3.fail(4, 503, match="/raw/bikes.mp4"),    # FFmpeg's range reads (probe, decode) are throttled
+        s3.fail(4, None, match="/segments/"),       # the workers' segment uploads and reads are dropped
+    ]
+    try:
+        result = runner.invoke(app, ["restore", f"s3://{bucket}/raw", f"s3://{bucket}/restored", "--chain",
+                                     "identity", "--lossless", "--chunk-frames", "20"], catch_exceptions=False)
+    finally:
+        s3.heal()
+    assert result.exit_code == 3, result.output  # one video failed, the others are done
+    assert all(f.spoiled > 0 for f in faults)
+    assert all(f.remaining == 0 for f in faults[1:])  # every transient fault was hit, and outlasted
+
+    outputs = sorted(fs.find(f"{bucket}/restored", maxdepth=1, withdirs=False))
+    assert outputs == [f"{bucket}/restored/bikes.mkv", f"{bucket}/restored/bunny.mkv"]
+    for name in ("bikes", "bunny"):
+        fs.get_file(f"{bucket}/restored/{name}.mkv", str(tmp_path / f"{name}.mkv"))
+        assert np.array_equal(decode(tmp_path / f"{name}.mkv"), decode(local / f"{name}.mp4"))
+    assert stream_hashes(tmp_path / "bunny.mkv", "0:a") == stream_hashes(local / "bunny.mp4", "0:a")
+
+    (job,) = fs.ls(f"{bucket}/restored/_reelmend")
+    plan = pq.read_table(io.BytesIO(fs.cat_file(f"{job}/plan/part-00000.parquet"))).to_pylist()
+    assert {r["source_uri"] for r in plan} == {f"s3://{bucket}/raw/{n}" for n in
+                                              ("bikes.mp4", "bunny.mp4", "sealed/denied.mp4")}
+    status = runner.invoke(app, ["status", f"s3://{bucket}/restored", "--json"])
+    assert status.exit_code == 3
+    assert '"status": "failed"' in status.output and "denied" in status.output
+
+    # no credential anywhere: not the secret, not a presigned URL's signature
+    texts = [result.output, status.output] + [fs.cat_file(p).decode("utf-8", "replace")
+                                               for p in fs.find(f"{bucket}/restored/_reelmend")]
+    for text in texts:
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and "Signature=" not in text
+    assert not [p for p in fs.find(f"{bucket}/restored/_reelmend") if "/segments/" in p]  # cleaned up
