@@ -8,6 +8,7 @@ default load through the same path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def save_weights(net: torch.nn.Module, folder: str, stage: str, flavour: str, ar
         "parameters": sum(p.numel() for p in net.parameters()),
         **(card or {}),
     }
+    blob = save_safetensors_bytes(tensors, metadata={"arch": full_card["arch"]})
+    full_card["sha256"] = hashlib.sha256(blob).hexdigest()  # checked on load: a modified file is refused
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{name}.safetensors", "wb") as f:
-        f.write(save_safetensors_bytes(tensors, metadata={"arch": full_card["arch"]}))
+        f.write(blob)
     with fs.open(f"{root}/{name}.json", "w") as f:
         json.dump(full_card, f, indent=2, sort_keys=True)
     return f"{folder.rstrip('/')}/{name}.safetensors"
@@ -80,4 +83,10 @@ def load_state(folder: str, stage: str, flavour: str) -> tuple[dict[str, torch.T
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise WeightsError(f"{folder}/{name}.safetensors is not a valid safetensors file ({err}); "
                            "reelmend refuses pickled or damaged checkpoints") from err
+    if "sha256" not in card:
+        raise WeightsError(f"{folder}/{name}.json has no sha256 of its weights; reelmend loads only weights "
+                           "whose card vouches for them (retrain with `reelmend train`)")
+    if hashlib.sha256(blob).hexdigest() != card["sha256"]:
+        raise WeightsError(f"{folder}/{name}.safetensors does not match the sha256 in its card: the file was "
+                           "modified or damaged after it was written; restore it or retrain")
     return tensors, card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -90,6 +91,24 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
     with pytest.raises(WeightsError, match="refuses pickled"):
         load_chain("sr2x", str(tmp_path))
     assert not marker.exists()
+
+
+def test_a_tampered_or_unvouched_checkpoint_is_refused(tmp_path):
+    write_tiny_weights(tmp_path, "sr2x", perturb=0.05)
+    good = (tmp_path / "sr2x.safetensors").read_bytes()
+    # still a well-formed safetensors file, one weight changed: only the card's sha256 can tell
+    tampered = bytearray(good)
+    tampered[-4:] = bytes(4)
+    (tmp_path / "sr2x.safetensors").write_bytes(bytes(tampered))
+    with pytest.raises(WeightsError, match="does not match the sha256"):
+        load_chain("sr2x", str(tmp_path))
+    (tmp_path / "sr2x.safetensors").write_bytes(good)
+    load_chain("sr2x", str(tmp_path))
+    card = json.loads((tmp_path / "sr2x.json").read_text())
+    del card["sha256"]
+    (tmp_path / "sr2x.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="no sha256"):
+        load_chain("sr2x", str(tmp_path))
 
 
 def _real_frame(clips, n=2):
