@@ -84,15 +84,27 @@ def restore(
     codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
     max_attempts: Annotated[int, typer.Option(help="Tries per chunk before its video fails.")] = 3,
+    actors: Annotated[str, typer.Option(help="Restore actor pool size, MIN:MAX (autoscales between them) or N.")] = "1",
+    restore_gpus: Annotated[Optional[float], typer.Option(help="GPUs per restore actor (default: 1 when the cluster has GPUs, else 0).")] = None,
+    restore_cpus: Annotated[float, typer.Option(help="CPUs per restore actor (its torch threads).")] = 1.0,
+    decode_cpus: Annotated[float, typer.Option(help="CPUs per decode task.")] = 1.0,
+    encode_cpus: Annotated[float, typer.Option(help="CPUs per encode task.")] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Restore every video under SRC into DEST; re-running the same command resumes."""
     from jobs.restore import run_job
-    from pipeline.config import EncodeSpec, JobSpec
+    from pipeline.config import EncodeSpec, JobSpec, ResourceSpec
 
     def go():
+        low, _, high = actors.partition(":")
+        if not (low.isdigit() and (high or low).isdigit()):
+            raise ValueError(f"--actors {actors!r}: expected N or MIN:MAX, e.g. 1:8")
+        resources = ResourceSpec(restore_actors_min=int(low), restore_actors_max=int(high or low),
+                                 restore_gpus=restore_gpus, restore_cpus=restore_cpus, decode_cpus=decode_cpus,
+                                 encode_cpus=encode_cpus)
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless))
+                       max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless),
+                       resources=resources)
         return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
 
     result = _guarded(go, verbose)

@@ -1,0 +1,124 @@
+"""Jobs on multi-node Ray clusters (ray.cluster_utils.Cluster: several raylets on this machine), driven the way
+a user drives one, `reelmend restore ... --address <cluster>`: a worker node dies mid-job and the job still
+completes frame-exact; on CPU and GPU nodes, the restore actors land on the GPU node, and everything else off it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from conftest import decode, ffmpeg, write_tiny_weights
+from ray.cluster_utils import Cluster
+
+
+@pytest.fixture
+def cluster():
+    """cluster([node args...]): a head that holds the driver and no work (num_cpus=0), plus worker nodes."""
+    made = []
+
+    def make(nodes: list[dict]):
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        made.append(c)
+        workers = [c.add_node(object_store_memory=150 * 2**20, **args) for args in nodes]
+        c.wait_for_nodes()
+        return c, workers
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def restore(c: Cluster, src: Path, dest: Path, *args: str) -> subprocess.Popen:
+    reelmend = str(Path(sys.executable).with_name("reelmend"))
+    env = {k: v for k, v in os.environ.items() if k != "REELMEND_FAULTS"}
+    return subprocess.Popen([reelmend, "restore", str(src), str(dest), "--address", c.address, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def node_running(workers, name: str):
+    """The worker node whose raylet is an ancestor of a process whose title contains `name` (Ray titles
+    an actor's process ray::<class>, a task's process ray::<function> while it runs), or None."""
+    nodes = nodes_running(workers, name)
+    return nodes[0] if nodes else None
+
+
+def nodes_running(workers, name: str) -> list:
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in workers}
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if name in " ".join(proc.info["cmdline"] or []):
+                found += [raylets[p.pid] for p in proc.parents() if p.pid in raylets]
+        except psutil.Error:
+            continue  # it ended while we looked
+    return found
+
+
+def done_events(dest: Path) -> list[dict]:
+    jobs = list(dest.glob("_reelmend/job-*/events"))
+    if not jobs or not any(jobs[0].glob("part-*.parquet")):
+        return []
+    return [e for e in pq.read_table(jobs[0]).to_pylist() if e["status"] == "done" and e["chunk_index"] >= 0]
+
+
+def test_worker_node_killed_mid_job_still_completes_frame_exact(tmp_path, clips, cluster):
+    c, workers = cluster([{"num_cpus": 2}, {"num_cpus": 2}])
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, start in (("a.mp4", 0), ("b.mp4", 50)):
+        ffmpeg("-ss", f"{start / 25:.2f}", "-i", str(clips / "bikes.mp4"), "-frames:v", "120", "-vf",
+               "scale=320:136", "-c:v", "libx264", str(src / name))
+    dest = tmp_path / "out"
+    driver = restore(c, src, dest, "--chain", "identity", "--lossless", "--chunk-frames", "10")
+    deadline = time.monotonic() + 300
+    victim = None
+    while time.monotonic() < deadline and driver.poll() is None:
+        if len(done_events(dest)) >= 4:
+            victim = node_running(workers, "RestoreStage")
+            if victim is not None:
+                break
+        time.sleep(0.05)
+    assert driver.poll() is None and victim is not None, "the job ended before a node could be killed"
+    done_before = len(done_events(dest))
+    c.remove_node(victim, allow_graceful=False)  # the node hosting the restore actor dies: SIGKILL, no cleanup
+
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
+    assert done_before < 24  # the kill happened mid-job
+    done = Counter((e["video_id"], e["chunk_index"]) for e in done_events(dest))
+    assert len(done) == 24 and set(done.values()) == {1}
+    for name in ("a.mp4", "b.mp4"):
+        out = dest / name.replace(".mp4", ".mkv")
+        assert np.array_equal(decode(out), decode(src / name))
+
+
+def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, clips, cluster):
+    # One node declares a GPU (this machine has none: the actor's torch falls back to the CPU) and one CPU,
+    # which the restore actor takes whole; decode and encode can only run on the CPU node.
+    c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2}, {"num_cpus": 1, "num_gpus": 1}])
+    src = tmp_path / "in"
+    src.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "60", "-vf", "scale=160:68", "-c:v", "libx264",
+           str(src / "bikes.mp4"))
+    weights = write_tiny_weights(tmp_path / "weights", "sr2x", perturb=0.05)
+    dest = tmp_path / "out"
+    driver = restore(c, src, dest, "--chain", "sr2x", "--models", str(weights), "--lossless", "--chunk-frames",
+                     "10", "--actors", "1:2")
+    seen: dict[str, set] = {"RestoreStage": set(), "decode_chunk": set(), "encode_chunk": set()}
+    while driver.poll() is None:
+        for name, nodes in seen.items():
+            nodes.update(id(n) for n in nodes_running([cpu_node, gpu_node], name))
+        time.sleep(0.02)
+    assert driver.returncode == 0, driver.stdout.read().decode(errors="replace")[-3000:]
+    assert seen["RestoreStage"] == {id(gpu_node)}
+    assert seen["decode_chunk"] | seen["encode_chunk"] <= {id(cpu_node)} and seen["decode_chunk"]
+    frames = decode(dest / "bikes.mkv")
+    assert frames.shape == (60, 136, 320, 3)
