@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,7 +27,7 @@ def _fail(err: BaseException, code: int, verbose: bool) -> None:
     if verbose:
         console.print(traceback.format_exc(), markup=False)
     message = " ".join(str(err).split()) or type(err).__name__
-    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -61,13 +62,15 @@ def _guarded(fn, verbose: bool):
 def _report(result) -> None:
     for v in result.videos:
         mark = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(v.status, "[yellow]pending[/]")
-        line = f"{mark}  {v.rel_path}"
-        line += f" -> {v.output_uri}" if v.status == "done" else f": {v.reason}" if v.reason else ""
+        # file names and reasons are text, never markup: "take[/b]1.mkv" is a valid name
+        line = f"{mark}  {escape(v.rel_path)}"
+        line += f" -> {escape(v.output_uri)}" if v.status == "done" else f": {escape(v.reason)}" if v.reason else ""
         out.print(line, soft_wrap=True)
     done = sum(v.status == "done" for v in result.videos)
     fps = result.frames_in / result.seconds if result.seconds else 0.0
     out.print(f"{done}/{len(result.videos)} video(s) restored in {result.seconds:.1f} s "
-              f"({result.frames_in} source frames this run, {fps:.1f} frames/s); manifest: {result.manifest_uri}",
+              f"({result.frames_in} source frames this run, {fps:.1f} frames/s); manifest: "
+              f"{escape(result.manifest_uri)}",
               soft_wrap=True)
 
 
@@ -152,10 +155,10 @@ def status(
             table.add_column(col)
         for v in info["videos"]:
             c = v["chunks"]
-            table.add_row(v["path"], v["status"], f"{c['done']}/{c['failed']}/{c['pending'] + c['running']}",
-                          str(v["frames_out"] or ""), v["reason"])
+            table.add_row(escape(v["path"]), v["status"], f"{c['done']}/{c['failed']}/{c['pending'] + c['running']}",
+                          str(v["frames_out"] or ""), escape(v["reason"]))
         out.print(table)
-        out.print(f"manifest: {info['manifest']}", soft_wrap=True)
+        out.print(f"manifest: {escape(info['manifest'])}", soft_wrap=True)
     raise typer.Exit(EXIT_OK if all(v["status"] == "done" for v in info["videos"]) else EXIT_PARTIAL)
 
 

@@ -18,7 +18,8 @@ from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
 from pipeline.probe import VideoInfo
 from pipeline.schema import TASK_FIELDS
-from pipeline.run import connect, probe_all, restore_dataset, stitch_all
+from pipeline.run import (connect, decode_memory, frame_bytes, largest_node_memory, probe_all, restore_dataset,
+                          stitch_all)
 
 NO_EVENTS = ChunkState("pending")
 
@@ -60,12 +61,19 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[
     log(f"probing {len(files)} file(s) under {spec.src}")
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
+    outputs: dict[str, str] = {}  # output URI -> the input that has it
     for (uri, rel), (_, info) in zip(files, probe_all([u for u, _ in files])):
         if isinstance(info, VideoInfo):
             try:
-                rows += plan_video(spec, job_id, uri, rel, info, context)
+                video_rows = plan_video(spec, job_id, uri, rel, info, context)
+                # clip.mp4 and clip.mov both become clip.mkv in some modes: the second must not replace the first
+                other = outputs.setdefault(video_rows[0]["output_uri"], rel)
+                if other != rel:
+                    raise ValueError(f"its output {video_rows[0]['output_uri']} is also the output of {other}; "
+                                     "rename one of them or restore them into different DESTs")
+                rows += video_rows
                 continue
-            except ValueError as err:  # e.g. a key that would escape DEST
+            except ValueError as err:  # e.g. a key that would escape DEST, or a clashing output
                 info = str(err)
         rows.append(failed_video_row(job_id, uri, rel, info, spec.dest))
         failed.append({"video_id": video_id(rel), "chunk_index": -1, "status": "failed", "attempt": 1,
@@ -131,7 +139,11 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                 log: Callable[[str], None]) -> tuple[int, int]:
     chunks = frames = 0
     while todo := _runnable(plan, manifest, spec.max_attempts):
-        wave = todo[:WAVE]
+        wave, too_big = _fit_memory(todo[:WAVE], manifest)
+        if too_big:
+            log(f"{too_big} chunk(s) need more memory than any node has; failed (see `reelmend status`)")
+        if not wave:
+            continue
         log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
@@ -154,6 +166,25 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
         finally:
             writer.flush()
     return chunks, frames
+
+
+def _fit_memory(wave: list[dict], manifest: Manifest) -> tuple[list[dict], int]:
+    """The chunks whose decode fits in the largest node's memory; the others are failed here with the reason
+    (Ray would otherwise wait forever for a node that can hold them)."""
+    limit = largest_node_memory()
+    fits, events = [], []
+    for t in wave:
+        need = decode_memory(frame_bytes(t))
+        if need <= limit:
+            fits.append(t)
+        else:
+            events.append({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "failed",
+                           "attempt": t["attempt"], "error_kind": "resources", "finished_at": time.time(),
+                           "error_message": f"decoding this chunk needs {need / 2**30:.1f} GiB, more than any "
+                                            f"node offers ({limit / 2**30:.1f} GiB); use a smaller --chunk-frames "
+                                            f"or larger nodes"})
+    manifest.append_events(events)
+    return fits, len(events)
 
 
 def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,

@@ -46,7 +46,7 @@ def job_status(dest: str, job_id: str | None) -> dict:
         "chain": ",".join(spec.chain),
         "videos": [
             {"video_id": v.video_id, "path": v.rel_path, "output": v.output_uri, "status": v.status,
-             "reason": v.reason, "frames_out": v.frames_out,
+             "reason": " ".join(v.reason.split()), "frames_out": v.frames_out,  # one line, whatever FFmpeg said
              "chunks": {k: chunks.get(v.video_id, Counter())[k] for k in ("done", "failed", "running", "pending")}}
             for v in videos
         ],

@@ -173,21 +173,24 @@ class Window:
     """How to decode one chunk, in seconds on the decode's timeline (0 at `seek`, or at the file's start)."""
 
     seek: float | None  # -ss: at the last keyframe at or before the chunk's first frame; None: from the start
-    start: float  # frames before this are dropped (decoded only as references)
+    start: float | None  # frames before this are dropped (decoded only as references); None: see chunk_window
     end: float | None  # halfway past the chunk's last frame; None: the chunk ends with the stream
 
 
 def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Window | None:
     """Where the chunk of `n_frames` frames from the first frame at or after `seek` (seconds from the file's
     start) lies, from the packets around it. None when the stream has no timestamps (raw elementary streams
-    such as .h264 or .m2v, which FFmpeg cannot seek in).
+    such as .h264 or .m2v, which FFmpeg cannot seek in). Where some packets carry a decode time only (AVI,
+    MPEG-PS), their frames' presentation times are FFmpeg's guesses, nothing to cut by: the window is then
+    `seek` itself with no cuts, and FFmpeg's accurate seek and a frame count do the cutting.
 
     FFmpeg's -ss alone is not enough: in MPEG-TS/PS it lands on whatever packet is nearest, not on a keyframe,
     and the decoder then skips to the next keyframe; and a packet the decoder rejects (damage) yields no
     frame. Either way `-frames:v N` would quietly fill the chunk with the frames after it. Seeking to a
     keyframe found here and cutting at the chunk's end by timestamp makes such a chunk come out short instead,
     which fails loudly."""
-    back, count = 2.0, n_frames + 64
+    back = 2.0  # look for the keyframe from this many seconds before `seek`
+    count = int(back * 60) + n_frames + 1 + REORDER  # packets to read: those seconds at up to 60 fps, the chunk
     while True:
         origin = max(0.0, seek - back)
         # "+T" is relative to the file's start, as -ss is; "%+#N" reads N packets of the stream from there.
@@ -196,11 +199,11 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
                 "-read_intervals", interval, "-show_entries", "packet=pts_time,dts_time,flags:format=start_time",
                 "-of", "json", src]
         try:
-            meta = json.loads(run(args, timeout=work_timeout(count, 1, 0.0),
+            meta = json.loads(run(args, timeout=work_timeout(count, 1, 1000.0),  # 1 ms a packet
                                   what="ffprobe could not read the packets"))
-        except FFmpegError:
-            if origin > 0:
-                return None  # "Could not seek": a stream without timestamps
+        except FFmpegError as err:
+            if origin > 0 and "could not seek" in err.detail.lower():
+                return None  # a stream without timestamps (or a demuxer that cannot seek)
             raise
         packets = meta.get("packets") or []
         base = float((meta.get("format") or {}).get("start_time") or 0.0)
@@ -209,10 +212,11 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
             if "D" in p.get("flags", ""):
                 continue  # discarded by the demuxer (before an edit list's start)
             pts, dts = (float(p[k]) if p.get(k) not in (None, "N/A") else None for k in ("pts_time", "dts_time"))
-            frames.append((pts if pts is not None else dts, dts if dts is not None else pts,
-                           "K" in p.get("flags", "")))
-        if not frames or any(t is None for t, _, _ in frames):
+            frames.append((pts, dts if dts is not None else pts, "K" in p.get("flags", "")))
+        if not frames or all(t is None and at is None for t, at, _ in frames):
             return None
+        if any(t is None for t, _, _ in frames):
+            return Window(seek=seek or None, start=None, end=None)
         times = sorted(t for t, _, _ in frames)
         eof = len(packets) < count
         # FFmpeg compares timestamps in microseconds: a frame within one of `seek` is at it
@@ -260,6 +264,8 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     if window is None:  # no timestamps, no seeking: decode from the start and drop the frames before `seek`
         args += [*input_args(src), "-i", src] + (["-ss", f"{seek:.6f}"] if seek else [])
         frames_before = int(seek * 240)  # a bound for the timeout: 240 fps at most
+    elif window.start is None:  # presentation times unknown: FFmpeg seeks and cuts at `seek` by its guesses
+        args += (["-ss", f"{seek:.6f}"] if seek else []) + [*input_args(src), "-i", src]
     else:
         if window.seek is not None:
             # -noaccurate_seek: FFmpeg's own cut at the seek point would drop the keyframe's frame when the
@@ -331,7 +337,8 @@ def concat_list(paths: list[str]) -> str:
 
 
 def stitch(list_file: str, source: str, out_path: str, *, source_video_index: int, out_format: str,
-           rotation: int, streams: list[tuple[int, str, str]], frames: int, pixels: int) -> None:
+           rotation: int, streams: list[tuple[int, str, str]], frames: int, pixels: int,
+           field_order: str | None = None) -> None:
     """Concatenate the segments (stream copy) and take the source's other streams (`streams`: index, kind,
     codec of each audio, subtitle and, in Matroska, attachment stream), its chapters and its metadata
     (global and per stream), without re-encoding. The one exception: MP4's mov_text subtitles have no
@@ -355,6 +362,13 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
         # FFmpeg 5.1 turns a `rotate` tag on a stream-copied output into a display matrix whose rotation, as
         # ffprobe reports it, is the tag's value (checked: 270 -> -90, 180 -> -180).
         args += ["-metadata:s:v:0", f"rotate={rotation % 360}"]
+        if out_format == "matroska":
+            # FFmpeg 5.1's Matroska muxer has no display matrix (it drops the above): keep the rotation as a
+            # stream tag, which `probe` reads back, rather than lose it.
+            args += ["-metadata:s:v:0", f"ROTATE={rotation % 360}"]
+    if field_order:
+        # Interlaced frames are restored woven, as stored; the container says so, or players would not deinterlace
+        args += ["-field_order:v:0", field_order]
     if out_format in ("mp4", "mov"):
         args += ["-movflags", "+faststart"]
     args += ["-f", out_format, out_path]

@@ -1,14 +1,22 @@
 """Probe a video with ffprobe into a pydantic model: the stream to restore, its exact frame count and
-per-frame timestamps (from packets), rate, size, depth, colour, rotation, and every other stream."""
+per-frame timestamps (from packets), rate, size, depth, colour, rotation, field order, and every other stream."""
 
 from __future__ import annotations
 
+import os
 import re
 from fractions import Fraction
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import ffmpeg
+
+# Frame sizes beyond these are a damaged or forged header, not a video: one RGB frame of the largest is 0.8 GB.
+MAX_SIDE, MAX_PIXELS = 32768, 16384 * 16384
+
+# ffprobe's words for some failures, and what they mean for the file
+HINTS = {"moov atom not found": "no MP4 index (moov atom): the file is truncated, was never finalised, or is not an "
+                                "MP4"}
 
 # scale filter names for the colour matrices FFmpeg tags (ITU-T H.273 matrix_coefficients)
 MATRICES = {"bt709": "bt709", "smpte170m": "bt601", "bt470bg": "bt601", "fcc": "fcc", "smpte240m": "smpte240m",
@@ -49,6 +57,7 @@ class VideoInfo(BaseModel):
     color_transfer: str | None = None
     color_primaries: str | None = None
     rotation: int = 0  # the display matrix's rotation as ffprobe reports it, in [0, 360)
+    field_order: str | None = None  # interlaced: "tt", "bb", "tb" or "bt" (frames stay woven, as stored)
     streams: tuple[OtherStream, ...] = ()
     chapters: int = 0
     # Presentation time (s) of each frame in display order; used for seeking, not stored in the manifest.
@@ -102,8 +111,15 @@ def _rotation(stream: dict) -> int:
     for side in stream.get("side_data_list", []) or []:
         if "rotation" in side:
             return int(round(float(side["rotation"]))) % 360
-    rotate = (stream.get("tags") or {}).get("rotate")
+    # MP4's `rotate` tag, or the ROTATE tag reelmend writes in Matroska (which FFmpeg 5.1 gives no display matrix)
+    tags = {k.lower(): v for k, v in (stream.get("tags") or {}).items()}
+    rotate = tags.get("rotate")
     return int(rotate) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
+
+
+def _field_order(stream: dict) -> str | None:
+    order = stream.get("field_order")
+    return order if order in ("tt", "bb", "tb", "bt") else None
 
 
 def _choose_video(streams: list[dict]) -> dict:
@@ -111,30 +127,66 @@ def _choose_video(streams: list[dict]) -> dict:
                   and not (s.get("disposition") or {}).get("attached_pic")
                   and s.get("codec_name") and int(s.get("width") or 0) > 0 and int(s.get("height") or 0) > 0]
     if not candidates:
-        kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
-        raise ProbeError(f"no decodable video stream (streams: {', '.join(kinds)})")
+        raise ProbeError(f"no decodable video stream ({_why_no_video(streams)})")
     defaults = [s for s in candidates if (s.get("disposition") or {}).get("default")]
     return (defaults or candidates)[0]
 
 
+def _why_no_video(streams: list[dict]) -> str:
+    videos = [s for s in streams if s.get("codec_type") == "video"]
+    for s in videos:
+        if (s.get("disposition") or {}).get("attached_pic"):
+            continue
+        if not s.get("codec_name"):
+            tag = s.get("codec_tag_string") or ""
+            known = tag if re.fullmatch(r"[A-Za-z0-9 ._-]{4}", tag) else ""
+            return f"stream {s.get('index')} has a codec FFmpeg does not know" + (f" ({known})" if known else "")
+        return f"stream {s.get('index')} ({s['codec_name']}) declares no frame size"
+    if videos:
+        return "only a cover image"
+    kinds = sorted({s.get("codec_type") or "unknown" for s in streams})
+    return f"streams: {', '.join(kinds)}" if kinds else "no streams at all"
+
+
 def probe(src: str) -> VideoInfo:
     """Probe `src` (a path or URL FFmpeg can open). Raises ProbeError with a one-line reason."""
+    if os.path.isfile(src) and os.path.getsize(src) == 0:
+        raise ProbeError("the file is empty (0 bytes)")
     try:
-        meta = ffmpeg.probe_json(src)
+        return _probe(src)
     except ffmpeg.FFmpegError as err:
-        raise ProbeError(f"not a readable media file ({err.detail})") from err
+        # FFmpeg prefixes its last error with the input's path: the manifest names the file already
+        detail = next((hint for words, hint in HINTS.items() if words in err.detail),
+                      err.detail.replace(f"{src}: ", ""))
+        raise ProbeError(f"not a readable media file ({detail})") from err
+    except (KeyError, TypeError, ValueError) as err:  # ffprobe reported something malformed (a damaged header)
+        detail = " ".join(str(err).split())
+        raise ProbeError(f"ffprobe's report on the file is malformed ({type(err).__name__}: {detail})") from err
+
+
+def _probe(src: str) -> VideoInfo:
+    meta = ffmpeg.probe_json(src)
     fmt = meta.get("format") or {}
     streams = meta.get("streams") or []
     video = _choose_video(streams)
     width, height = int(video["width"]), int(video["height"])
-    if width * height > 16384 * 16384 or width > 32768 or height > 32768:
-        raise ProbeError(f"declared frame size {width}x{height} is beyond what reelmend restores")
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise ProbeError(f"declared frame size {width}x{height} is beyond what reelmend restores (at most "
+                         f"{MAX_SIDE} pixels a side and {MAX_PIXELS // 10**6} megapixels)")
     duration = float(fmt.get("duration") or video.get("duration") or 0.0)
-    times, _ = ffmpeg.packet_times(src, int(video["index"]),
-                                   timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 0.0))
+    # ffprobe reads the whole stream (over HTTP too): 1 ms a packet, for up to 240 packets a second of video
+    try:
+        times, _ = ffmpeg.packet_times(src, int(video["index"]),
+                                       timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 1000.0))
+    except ffmpeg.FFmpegError as err:
+        raise ProbeError(f"the video stream's packets cannot be read ({err.detail})") from err
     n_frames = len(times)
     if n_frames == 0:
         raise ProbeError("the video stream has no frames")
+    if n_frames == 1 and (fmt.get("format_name") == "image2" or fmt.get("format_name", "").endswith("_pipe")):
+        # A photo or poster beside the videos: a one-frame "restored video" (.mkv, a new name) of it is not
+        # what anyone asked for, and it would take the name of a video with the same stem.
+        raise ProbeError(f"a still image ({video.get('codec_name')}), not a video")
     rate = _fraction(video.get("avg_frame_rate")) or _fraction(video.get("r_frame_rate"))
     known = [t for t in times if t is not None]
     if len(known) == n_frames:
@@ -169,5 +221,5 @@ def probe(src: str) -> VideoInfo:
         fps_num=fps.numerator, fps_den=fps.denominator, vfr=vfr, n_frames=n_frames,
         color_range=video.get("color_range"), color_space=video.get("color_space"),
         color_transfer=video.get("color_transfer"), color_primaries=video.get("color_primaries"),
-        rotation=_rotation(video), streams=others, chapters=len(meta.get("chapters") or []),
-        frame_times=tuple(times_sorted))
+        rotation=_rotation(video), field_order=_field_order(video), streams=others,
+        chapters=len(meta.get("chapters") or []), frame_times=tuple(times_sorted))

@@ -41,6 +41,23 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def frame_bytes(task: dict) -> int:
+    """The decoded frames of a chunk with its context (RGB, 16-bit above 8-bit sources)."""
+    return ((task["decode_end"] - task["decode_start"]) * task["width"] * task["height"] * 3
+            * (2 if task["bit_depth"] > 8 else 1))
+
+
+def decode_memory(frame_bytes: int) -> int:
+    """What a decode task declares: the worker, its frames and the copy on their way into the object store."""
+    return WORKER_BASE_BYTES + 2 * frame_bytes
+
+
+def largest_node_memory() -> float:
+    """The most memory any live node offers to tasks now. A task asking for more would wait forever (Ray Data
+    does not fail it), so such chunks are failed up front instead."""
+    return max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
 @ray.remote(num_cpus=0.5, max_retries=3)
 def _probe_task(uri: str) -> VideoInfo | str:
     """A VideoInfo, or the one-line reason the file cannot be restored."""
@@ -69,8 +86,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     # A decode task holds its frames, and FFmpeg's pipe buffer: declared so Ray never packs more decodes on a
     # node than its memory holds. (Declaring it also keeps decode out of the restore actors: Ray Data fuses a
     # task stage into the next actor stage when their resources are equal, which would serialise the two.)
-    decode_bytes = max((t["decode_end"] - t["decode_start"]) * t["width"] * t["height"] * 3
-                       * (2 if t["bit_depth"] > 8 else 1) for t in tasks)
+    decode_bytes = max(frame_bytes(t) for t in tasks)
     # Frames in flight are bounded by a few chunks per restore actor, not by the length of the archive: left
     # alone, Ray Data lets fast decoders run ahead into a large share of the object store.
     chunk_bytes = decode_bytes * (1 + scale * scale * temporal)
@@ -79,7 +95,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
         object_store_memory=max(256 * 2**20, 2 * chunk_bytes * (res.restore_actors_max + 2)))
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
-    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=WORKER_BASE_BYTES + 2 * decode_bytes)
+    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=decode_memory(decode_bytes))
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
     ds = ds.map_batches(
         RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models,

@@ -21,7 +21,7 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
         source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp))
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,
-                      out_format=out_format, rotation=info.rotation, streams=streams,
+                      out_format=out_format, rotation=info.rotation, field_order=info.field_order, streams=streams,
                       frames=expected_frames, pixels=info.width * info.height)
         got = probe(str(out)).n_frames
         if got != expected_frames:

@@ -86,7 +86,8 @@ def join(base: str, *parts: str) -> str:
 
 def safe_relative(rel: str) -> str:
     """Normalise a relative key so it cannot escape its destination ('..', absolute, empty or '.' parts)."""
-    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+    # Only '/' separates: a backslash is an ordinary character in POSIX names and object keys.
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts) or not parts:
         raise ValueError(f"object key {rel!r} would escape the destination")
     return posixpath.join(*parts)
@@ -106,8 +107,11 @@ def list_files(src: str) -> list[tuple[str, str]]:
         return [(src, posixpath.basename(root))]
     protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
     out = []
+    prefix = root.rstrip("/") + "/"
     for path in sorted(fs.find(root)):
-        rel = posixpath.relpath(path, root)
+        # Literally the part after SRC: relpath would resolve an object key's '..' ("x/../a.mp4" is a key of
+        # its own, not "a.mp4"), which the plan then refuses.
+        rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
         if rel.split("/", 1)[0] == JOB_AREA:
             continue
         local = not protocol or protocol == "file://"

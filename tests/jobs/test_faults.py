@@ -100,3 +100,18 @@ def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path,
     assert result.exit_code == 3, result.output
     reason = status(dest)["clip.mkv"]["reason"]
     assert "oom" in reason and "out of memory" in reason and "\n" not in reason
+
+
+def test_a_chunk_no_node_can_hold_fails_up_front_instead_of_waiting_forever(tmp_path, ray_address):
+    from jobs.restore import _fit_memory
+    from pipeline.manifest import Manifest
+
+    manifest = Manifest(str(tmp_path / "out"), "job-x")
+    chunk = {"video_id": "v", "chunk_index": 0, "attempt": 1, "decode_start": 0, "decode_end": 10,
+             "width": 96, "height": 64, "bit_depth": 8}
+    huge = {**chunk, "chunk_index": 1, "width": 16384, "height": 16384, "decode_end": 60}  # 48 GB of frames
+    fits, failed = _fit_memory([chunk, huge], manifest)
+    assert fits == [chunk] and failed == 1
+    (event,) = manifest.read_events().to_pylist()
+    assert (event["chunk_index"], event["status"], event["error_kind"]) == (1, "failed", "resources")
+    assert "more than any node offers" in event["error_message"] and "--chunk-frames" in event["error_message"]
