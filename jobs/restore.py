@@ -63,6 +63,10 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[
     rows, failed = [], []
     outputs: dict[str, str] = {}  # output URI -> the input that has it
     for (uri, rel), (_, info) in zip(files, probe_all([u for u, _ in files])):
+        if isinstance(info, VideoInfo) and info.is_still:
+            # a one-frame "restored video" (.mkv, a new name) of a poster is not what anyone asked for, and it
+            # would take the name of a video with the same stem
+            info = f"a still image ({info.codec}), not a video"
         if isinstance(info, VideoInfo):
             try:
                 video_rows = plan_video(spec, job_id, uri, rel, info, context)

@@ -64,6 +64,11 @@ class VideoInfo(BaseModel):
     frame_times: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
 
     @property
+    def is_still(self) -> bool:
+        """A photo or poster (one frame read by an image demuxer): training uses it, a restore job does not."""
+        return self.n_frames == 1 and (self.format_name == "image2" or self.format_name.endswith("_pipe"))
+
+    @property
     def fps(self) -> Fraction:
         return Fraction(self.fps_num, self.fps_den)
 
@@ -183,10 +188,6 @@ def _probe(src: str) -> VideoInfo:
     n_frames = len(times)
     if n_frames == 0:
         raise ProbeError("the video stream has no frames")
-    if n_frames == 1 and (fmt.get("format_name") == "image2" or fmt.get("format_name", "").endswith("_pipe")):
-        # A photo or poster beside the videos: a one-frame "restored video" (.mkv, a new name) of it is not
-        # what anyone asked for, and it would take the name of a video with the same stem.
-        raise ProbeError(f"a still image ({video.get('codec_name')}), not a video")
     rate = _fraction(video.get("avg_frame_rate")) or _fraction(video.get("r_frame_rate"))
     known = [t for t in times if t is not None]
     if len(known) == n_frames:
