@@ -5,6 +5,7 @@ completes frame-exact; on CPU and GPU nodes, the restore actors land on the GPU 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import decode, ffmpeg, write_tiny_weights
+from conftest import decode, ffmpeg, make_clip, write_tiny_weights
 from ray.cluster_utils import Cluster
 
 
@@ -122,3 +123,32 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     assert seen["decode_chunk"] | seen["encode_chunk"] <= {id(cpu_node)} and seen["decode_chunk"]
     frames = decode(dest / "bikes.mkv")
     assert frames.shape == (60, 136, 320, 3)
+
+
+def test_ray_job_submit_runs_a_restore_on_the_cluster(tmp_path):
+    """`ray job submit -- reelmend restore ...`: the driver runs on the cluster (RAY_ADDRESS set by Ray's job
+    supervisor) and finds it without --address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                      "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    try:
+        c.add_node(num_cpus=2, object_store_memory=150 * 2**20)
+        c.wait_for_nodes()
+        src = tmp_path / "in"
+        make_clip(src / "clip.mkv", frames=30, extra=("-c:v", "ffv1"))
+        dest = tmp_path / "out"
+        bin_dir = Path(sys.executable).parent
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--",
+             str(bin_dir / "reelmend"), "restore", str(src), str(dest), "--chain", "identity", "--lossless",
+             "--chunk-frames", "10"],
+            capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items()
+                                                              if k not in ("REELMEND_FAULTS", "RAY_ADDRESS")})
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+        assert "1/1 video(s) restored" in submit.stdout + submit.stderr  # the driver's own report, via Ray
+        assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
+    finally:
+        c.shutdown()
