@@ -8,8 +8,10 @@ resumed for more steps, and a mismatched or unasked-for reuse of the folder is r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
+import fsspec
 import numpy as np
 import pytest
 from conftest import ffmpeg
@@ -98,6 +100,29 @@ def test_a_fidelity_only_run_resumed_with_a_gan_phase(ray_address, clean_data, t
     frames = np.random.default_rng(1).integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)
     made = load_chain("interp2x:gan", str(out)).run(frames)
     assert made.shape == (6, 24, 40, 3) and np.array_equal(made[0::2], frames)
+
+
+def test_training_reads_and_writes_an_object_store(ray_address, clean_data, s3, tmp_path):
+    """Data from a bucket, checkpoints and weights into one (S3 on loopback): then restore-side code loads the
+    weights from there, and a resumed run continues from the checkpoint in the bucket."""
+    fs = fsspec.filesystem("s3")
+    bucket = f"training-{os.getpid()}"
+    fs.mkdir(bucket)
+    fs.put(str(clean_data) + "/", f"{bucket}/clean/", recursive=True)
+    out = f"s3://{bucket}/models/sr2x"
+    run_training(spec(f"s3://{bucket}/clean", out, steps=2, gan_steps=0, fail_at_step=None),
+                 log=lambda m: None)
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/models/sr2x")}
+    assert {"sr2x.safetensors", "sr2x.json"} <= names
+    assert f"{bucket}/models/sr2x/checkpoints/train-sr2x/step-0000002/state.safetensors" in fs.find(
+        f"{bucket}/models/sr2x")
+    assert read_card(out, "sr2x", "fidelity")["data"]["sources"] == 2
+    frames = np.random.default_rng(2).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)
+    assert load_chain("sr2x", out).run(frames).shape == (2, 48, 80, 3)
+
+    run_training(spec(f"s3://{bucket}/clean", out, steps=2, gan_steps=2, resume=True, fail_at_step=None),
+                 log=lambda m: None)
+    assert read_card(out, "sr2x", "gan")["metrics"]["step"] == 4  # continued from the bucket's checkpoint
 
 
 def test_deblock_from_pool_variants(ray_address, clean_data, tmp_path):
