@@ -59,6 +59,24 @@ def _guarded(fn, verbose: bool):
         _fail(err, EXIT_CRASH, verbose)
 
 
+STORAGE_HELP = ("fsspec options per protocol as JSON, or @FILE holding it, e.g. '{\"s3\": {\"endpoint_url\": "
+                "\"https://...\"}}'; default: the standard environment (AWS_* variables). Never stored.")
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--storage-options is not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError('--storage-options must map protocols to options, e.g. {"s3": {"endpoint_url": "..."}}')
+    return value
+
+
 def _report(result) -> None:
     for v in result.videos:
         mark = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(v.status, "[yellow]pending[/]")
@@ -92,6 +110,7 @@ def restore(
     restore_cpus: Annotated[float, typer.Option(help="CPUs per restore actor (its torch threads).")] = 1.0,
     decode_cpus: Annotated[float, typer.Option(help="CPUs per decode task.")] = 1.0,
     encode_cpus: Annotated[float, typer.Option(help="CPUs per encode task.")] = 1.0,
+    storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Restore every video under SRC into DEST; re-running the same command resumes."""
@@ -107,7 +126,7 @@ def restore(
                                  encode_cpus=encode_cpus)
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
                        max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless),
-                       resources=resources)
+                       resources=resources, storage_options=_storage_options(storage_options))
         return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
 
     result = _guarded(go, verbose)
@@ -120,15 +139,21 @@ def resume(
     dest: Annotated[str, typer.Argument(help="The DEST of an earlier `restore`.")],
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Finish a stopped or partly failed job: redo only unfinished chunks, then stitch."""
     from jobs.restore import run_job
     from jobs.status import pick_job
+    from pipeline import storage
+    from pipeline.config import JobSpec
     from pipeline.manifest import Manifest
 
     def go():
+        options = _storage_options(storage_options)
+        storage.configure(options)  # to read the manifest itself
         spec = Manifest(dest.rstrip("/"), pick_job(dest.rstrip("/"), job_id)).read_spec()
+        spec = JobSpec.model_validate({**spec.model_dump(), "storage_options": options})
         return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
 
     result = _guarded(go, verbose)
@@ -141,12 +166,18 @@ def status(
     dest: Annotated[str, typer.Argument(help="The DEST of a job.")],
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-video state of a job: done, failed (with the reason) or pending."""
     from jobs.status import job_status
+    from pipeline import storage
 
-    info = _guarded(lambda: job_status(dest.rstrip("/"), job_id), verbose)
+    def go():
+        storage.configure(_storage_options(storage_options))
+        return job_status(dest.rstrip("/"), job_id)
+
+    info = _guarded(go, verbose)
     if as_json:
         out.print_json(json.dumps(info))
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,6 +65,10 @@ class JobSpec(Frozen):
     resources: ResourceSpec = ResourceSpec()
     job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: str = VERSION
+    # fsspec options per protocol, e.g. {"s3": {"endpoint_url": ..., "key": ..., "secret": ...}}, for stores the
+    # environment does not describe. They may hold credentials: never written to job.json, never printed, and
+    # not part of the job id (`resume` takes them again).
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True, repr=False)
 
     @field_validator("chain", mode="before")
     @classmethod
@@ -77,6 +81,14 @@ class JobSpec(Frozen):
     @classmethod
     def _known_stages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         parse_chain(value)  # raises ValueError naming the unknown stage
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _protocols(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for protocol in value:
+            if not protocol.isalnum() or not protocol.islower():
+                raise ValueError(f"storage_options: {protocol!r} is not a protocol name (e.g. s3, gcs)")
         return value
 
     @field_validator("src", "dest")

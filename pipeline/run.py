@@ -59,8 +59,9 @@ def largest_node_memory() -> float:
 
 
 @ray.remote(num_cpus=0.5, max_retries=3)
-def _probe_task(uri: str) -> VideoInfo | str:
+def _probe_task(uri: str, storage_options: dict) -> VideoInfo | str:
     """A VideoInfo, or the one-line reason the file cannot be restored."""
+    storage.configure(storage_options)
     try:
         with storage.ffmpeg_input(uri) as src:
             return probe(src)
@@ -68,9 +69,10 @@ def _probe_task(uri: str) -> VideoInfo | str:
         return str(err)
 
 
-def probe_all(uris: list[str]) -> Iterator[tuple[str, VideoInfo | str]]:
+def probe_all(uris: list[str], storage_options: dict | None = None) -> Iterator[tuple[str, VideoInfo | str]]:
     """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order."""
-    refs = [_probe_task.remote(uri) for uri in uris]
+    options = ray.put(storage_options or {})
+    refs = [_probe_task.remote(uri, options) for uri in uris]
     for uri, ref in zip(uris, refs):
         yield uri, ray.get(ref)
 
@@ -95,32 +97,37 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
         object_store_memory=max(256 * 2**20, 2 * chunk_bytes * (res.restore_actors_max + 2)))
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
-    ds = ds.map(decode_chunk, num_cpus=res.decode_cpus, memory=decode_memory(decode_bytes))
+    options = spec.storage_options  # passed as arguments, never through environment variables Ray displays
+    ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options}, num_cpus=res.decode_cpus,
+                memory=decode_memory(decode_bytes))
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
     ds = ds.map_batches(
-        RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models,
+        RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models, "storage_options": options,
                                              "threads": max(1, int(res.restore_cpus))},
         batch_size=1, batch_format="numpy", num_cpus=res.restore_cpus, num_gpus=gpus,
         compute=ActorPoolStrategy(min_size=res.restore_actors_min, max_size=res.restore_actors_max))
     # encode: CPU tasks, FFmpeg -> one video-only segment per chunk in the job area
     ds = ds.map(encode_chunk, fn_kwargs={"encode": spec.encode, "segments_root": segments_root,
+                                         "storage_options": options,
                                          "temporal": temporal},
                 num_cpus=res.encode_cpus)
     return ds
 
 
 @ray.remote(num_cpus=1, max_retries=3)
-def _stitch_task(**kwargs) -> int | str:
+def _stitch_task(storage_options: dict, **kwargs) -> int | str:
     """The output's frame count, or the one-line reason the stitch failed."""
+    storage.configure(storage_options)
     try:
         return stitch_video(**kwargs)
     except Exception as err:  # noqa: BLE001 - recorded in the manifest as this video's failure
         return " ".join(str(err).split()) or type(err).__name__
 
 
-def stitch_all(jobs: dict[str, dict]) -> Iterator[tuple[str, int | str]]:
+def stitch_all(jobs: dict[str, dict], storage_options: dict | None = None) -> Iterator[tuple[str, int | str]]:
     """Stitch videos in parallel; yields (video_id, frames or reason) as each finishes."""
-    refs = {_stitch_task.remote(**kwargs): vid for vid, kwargs in jobs.items()}
+    options = ray.put(storage_options or {})
+    refs = {_stitch_task.remote(options, **kwargs): vid for vid, kwargs in jobs.items()}
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

@@ -34,9 +34,10 @@ def _failed(row: dict[str, Any], kind: str, err: BaseException) -> dict[str, Any
     return {**row, "frames": EMPTY, "error_kind": kind, "error_message": message[:2000], "worker": _worker()}
 
 
-def decode_chunk(row: dict[str, Any]) -> dict[str, Any]:
+def decode_chunk(row: dict[str, Any], *, storage_options: dict) -> dict[str, Any]:
     """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
     sources deeper than 8 bits)."""
+    storage.configure(storage_options)
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
            "frames_out": 0, "segment_uri": "", "worker": _worker()}
     try:
@@ -58,8 +59,10 @@ class RestoreStage:
 
     Declared with one CPU, and one GPU per actor when the cluster has GPUs (`pipeline.run`)."""
 
-    def __init__(self, chain: tuple[str, ...], models: str | None, threads: int = 1):
+    def __init__(self, chain: tuple[str, ...], models: str | None, storage_options: dict, threads: int = 1):
         import torch
+
+        storage.configure(storage_options)  # --models may be a bucket
 
         from models.chain import load_chain
 
@@ -131,8 +134,10 @@ def _one(value: Any) -> np.ndarray:
     return out
 
 
-def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str, temporal: int) -> dict[str, Any]:
+def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str, temporal: int,
+                 storage_options: dict) -> dict[str, Any]:
     """CPU task: encode the restored frames to a video-only segment in the job area; drop the frames."""
+    storage.configure(storage_options)
     if not row["error_kind"]:
         try:
             faults.maybe_fail("encode", row)

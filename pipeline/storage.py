@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
+import fsspec.config
 from fsspec.implementations.local import LocalFileSystem
 
 JOB_AREA = "_reelmend"
@@ -70,6 +71,13 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
         raise AssertionError("unreachable")
 
     return call
+
+
+def configure(options: dict[str, dict]) -> None:
+    """Make `options` (fsspec keyword arguments per protocol) the defaults of every filesystem this process
+    opens from now on. Each Ray task and actor that touches storage calls it with the job's options."""
+    for protocol, kwargs in options.items():
+        fsspec.config.conf[protocol] = dict(kwargs)
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -5,7 +5,11 @@ fails alone, and the manifest lives in the bucket beside the outputs, with no cr
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -69,3 +73,34 @@ def test_restore_between_buckets_through_storage_faults(tmp_path, clips, s3, ray
     for text in texts:
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and "Signature=" not in text
     assert not [p for p in fs.find(f"{bucket}/restored/_reelmend") if "/segments/" in p]  # cleaned up
+
+
+def test_storage_options_instead_of_the_environment_are_never_stored(tmp_path, clips, s3):
+    """A store the environment does not describe: endpoint and credentials given as --storage-options reach
+    the driver, the probe, decode, encode and stitch tasks (a fresh local Ray whose workers have no AWS
+    variables at all), and appear in no file."""
+    fs = fsspec.filesystem("s3")
+    bucket = f"options-{os.getpid()}"
+    fs.mkdir(bucket)
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "20", "-vf", "scale=160:90", "-c:v", "libx264",
+           str(tmp_path / "clip.mp4"))
+    fs.put_file(str(tmp_path / "clip.mp4"), f"{bucket}/raw/clip.mp4")
+    secret = "storage-options-secret-9876"
+    options = {"s3": {"endpoint_url": s3.endpoint, "key": os.environ["AWS_ACCESS_KEY_ID"], "secret": secret}}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REELMEND_", "RAY_ADDRESS"))}
+    reelmend = str(Path(sys.executable).with_name("reelmend"))
+    run = subprocess.run([reelmend, "restore", f"s3://{bucket}/raw", f"s3://{bucket}/out", "--lossless",
+                          "--storage-options", json.dumps(options)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    fs.get_file(f"{bucket}/out/clip.mkv", str(tmp_path / "out.mkv"))
+    assert np.array_equal(decode(tmp_path / "out.mkv"), decode(tmp_path / "clip.mp4"))
+    status = subprocess.run([reelmend, "status", f"s3://{bucket}/out", "--json", "--storage-options",
+                             json.dumps(options)], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and '"status": "done"' in status.stdout
+    without = subprocess.run([reelmend, "status", f"s3://{bucket}/out"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert without.returncode != 0  # no endpoint, no credentials: the options were what made it work
+    for text in [run.stdout, run.stderr, status.stdout] + [fs.cat_file(p).decode("utf-8", "replace")
+                                                           for p in fs.find(f"{bucket}/out")]:
+        assert secret not in text
