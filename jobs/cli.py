@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -17,8 +18,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore video archives at scale with GAN models on Ray.")
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# no emoji codes either: a file named "take:fire:1.mkv" prints as it is
+console = Console(stderr=True, highlight=False, emoji=False)
+out = Console(highlight=False, emoji=False)
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
@@ -118,10 +120,11 @@ def restore(
     from pipeline.config import EncodeSpec, JobSpec, ResourceSpec
 
     def go():
-        low, _, high = actors.partition(":")
-        if not (low.isdigit() and (high or low).isdigit()):
+        sizes = re.fullmatch(r"([0-9]+)(?::([0-9]+))?", actors)
+        if not sizes:
             raise ValueError(f"--actors {actors!r}: expected N or MIN:MAX, e.g. 1:8")
-        resources = ResourceSpec(restore_actors_min=int(low), restore_actors_max=int(high or low),
+        low, high = sizes.group(1), sizes.group(2) or sizes.group(1)
+        resources = ResourceSpec(restore_actors_min=int(low), restore_actors_max=int(high),
                                  restore_gpus=restore_gpus, restore_cpus=restore_cpus, decode_cpus=decode_cpus,
                                  encode_cpus=encode_cpus)
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
@@ -248,7 +251,7 @@ def train(
 
     result = _guarded(go, verbose)
     for uri in result.weights:
-        out.print(f"wrote {uri}", soft_wrap=True)
+        out.print(f"wrote {escape(uri)}", soft_wrap=True)
     m = result.metrics
     if "val_psnr" in m:
         out.print(f"validation PSNR {m['val_psnr']:.2f} dB (baseline {m['val_psnr_baseline']:.2f} dB) after "

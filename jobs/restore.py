@@ -93,14 +93,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
-    with lease.hold(manifest.root):  # one driver per job: a second `resume` stops here with LeaseHeld
-        result = _run_job(spec, job_id, manifest, address, log)
+    with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
+        result = _run_job(spec, job_id, manifest, address, log, held)
     result.seconds = time.monotonic() - started
     return result
 
 
 def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None,
-             log: Callable[[str], None]) -> JobResult:
+             log: Callable[[str], None], held: lease.Lease) -> JobResult:
     if manifest.has_plan():
         stored = manifest.read_spec()
         if _shaping(stored) != _shaping(spec):
@@ -118,7 +118,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
-    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, log)
+    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, log, held)
+    held.check()
     _stitch_ready(spec, manifest, plan, temporal, log)
     result.videos = summarize(manifest, plan, spec.max_attempts)
     return result
@@ -141,10 +142,11 @@ def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[d
 
 
 def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int, temporal: int,
-                log: Callable[[str], None]) -> tuple[int, int]:
+                log: Callable[[str], None], held: lease.Lease) -> tuple[int, int]:
     chunks = frames = 0
     while todo := _runnable(plan, manifest, spec.max_attempts):
-        wave, too_big = _fit_memory(todo[:WAVE], manifest)
+        held.check()
+        wave, too_big = _fit_memory(todo[:WAVE], manifest, spec.resources.decode_cpus)
         if too_big:
             log(f"{too_big} chunk(s) need more memory than any node has; failed (see `reelmend status`)")
         if not wave:
@@ -173,10 +175,10 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
     return chunks, frames
 
 
-def _fit_memory(wave: list[dict], manifest: Manifest) -> tuple[list[dict], int]:
+def _fit_memory(wave: list[dict], manifest: Manifest, decode_cpus: float = 1.0) -> tuple[list[dict], int]:
     """The chunks whose decode fits in the largest node's memory; the others are failed here with the reason
     (Ray would otherwise wait forever for a node that can hold them)."""
-    limit = largest_node_memory()
+    limit = largest_node_memory(decode_cpus)
     fits, events = [], []
     for t in wave:
         need = decode_memory(frame_bytes(t))
@@ -225,12 +227,16 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                            "attempt": failures[vid] + 1, "error_kind": None if ok else "stitch",
                            "error_message": None if ok else outcome, "frames_out": outcome if ok else None,
                            "segment_uri": jobs[vid]["output_uri"] if ok else None, "finished_at": time.time()})
-            if ok:  # the segments are no longer needed once the output is published
-                for uri in jobs[vid]["segments"]:
-                    storage.remove(uri)
-            else:
+            if not ok:
                 log(f"stitching {jobs[vid]['output_uri']} failed: {outcome}")
         manifest.append_events(events)
+        for event in events:  # the segments are no longer needed once the output is published and recorded
+            if event["status"] == "done":
+                for uri in jobs[event["video_id"]]["segments"]:
+                    try:
+                        storage.remove(uri)
+                    except OSError as err:  # a leftover segment costs space, not correctness
+                        log(f"could not remove {uri}: {err}")
 
 
 def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[VideoResult]:

@@ -7,8 +7,9 @@ files. The first to take the lease proceeds; the second stops at once with a mes
   The kernel releases it when the process dies, however it dies, so a killed driver never blocks `resume`.
 * Object stores: a lease object created only if absent (a conditional PUT, `If-None-Match: *`), renewed by a
   heartbeat thread every TTL/4 and deleted at the end. A lease not renewed for TTL seconds belongs to a dead
-  driver and is taken over. Two drivers that find the same expired lease within the same instant could both
-  delete it; the conditional create then lets only one of them in.
+  driver and is taken over; a driver that finds its lease taken over stops at its next check (`Lease.check`
+  between waves). Expiry compares the holder's clock with the reader's, so clocks must agree to well under
+  TTL (NTP does). A driver killed without releasing its lease blocks a new run for up to TTL seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ class LeaseHeld(RuntimeError):
     """Another driver is running this job."""
 
 
+class LeaseLost(RuntimeError):
+    """This driver's lease expired and another driver took the job over."""
+
+
+class Lease:
+    """What `hold` yields: `check()` between units of work stops a driver whose lease was taken over."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.lost = threading.Event()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"another run took over job {self.root.rsplit('/', 1)[-1]} after this run could not "
+                            f"renew its lease for {TTL:.0f} s (storage unreachable?); this run stops, that one "
+                            "carries on")
+
+
 def _holder() -> dict:
     now = time.time()
     return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
@@ -47,15 +66,16 @@ def _held_message(root: str, holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def hold(root: str) -> Iterator[None]:
+def hold(root: str) -> Iterator[Lease]:
     """Hold the job's lease for the duration of the block; raises LeaseHeld when another run holds it."""
     uri = storage.join(root, "lease")
+    lease = Lease(root)
     if storage.is_local(uri):
         with _hold_local(root, storage.fs_and_path(uri)[1]):
-            yield
+            yield lease
     else:
-        with _hold_object(root, uri):
-            yield
+        with _hold_object(root, uri, lease):
+            yield lease
 
 
 @contextlib.contextmanager
@@ -77,7 +97,7 @@ def _hold_local(root: str, path: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hold_object(root: str, uri: str) -> Iterator[None]:
+def _hold_object(root: str, uri: str, lease: Lease) -> Iterator[None]:
     me = _holder()
     if not storage.create_exclusive(uri, json.dumps(me).encode()):
         holder = json.loads(storage.read_bytes(uri))
@@ -95,8 +115,18 @@ def _hold_object(root: str, uri: str) -> Iterator[None]:
 
     def renew() -> None:
         while not stop.wait(TTL / 4):
-            with contextlib.suppress(Exception):  # a missed renewal is retried; TTL allows three
-                if json.loads(storage.read_bytes(uri)).get("token") == me["token"]:
+            try:
+                holder = json.loads(storage.read_bytes(uri))
+            except Exception:  # noqa: BLE001 - a missed renewal is retried; TTL allows three
+                continue
+            if holder.get("token") != me["token"]:
+                lease.lost.set()  # expired and taken over: the driver stops at its next check
+                return
+            # Read-then-write is not atomic: a takeover between the two is overwritten here, and then finds
+            # its own lease gone at its next renewal, and stops. (A conditional PUT on the object's ETag
+            # would close this window; s3fs does not expose If-Match.)
+            with contextlib.suppress(Exception):
+                if not stop.is_set():
                     storage.write_bytes(uri, json.dumps({**me, "renewed_at": time.time()}).encode())
 
     thread = threading.Thread(target=renew, daemon=True, name="reelmend-lease")

@@ -36,7 +36,11 @@ def job_root(dest: str, job_id: str) -> str:
 
 
 def list_jobs(dest: str) -> list[str]:
-    return [name for name in storage.ls(storage.join(dest, storage.JOB_AREA)) if not name.startswith(".")]
+    """Jobs under DEST that got as far as writing their spec (a run that failed before planning leaves only
+    its lease)."""
+    area = storage.join(dest, storage.JOB_AREA)
+    return [name for name in storage.ls(area)
+            if not name.startswith(".") and storage.exists(storage.join(area, name, "job.json"))]
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

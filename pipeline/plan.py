@@ -40,7 +40,7 @@ def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str
 def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info: VideoInfo,
                context: tuple[int, int]) -> list[dict]:
     """One plan row per chunk of about 2 s (or `spec.chunk_frames`) of source frames."""
-    if _dotted(source_uri):
+    if _dotted(rel_path):
         raise ValueError(f"object key {source_uri!r} has a '..' part: its output would not be its own path in DEST")
     n = info.n_frames
     size = spec.chunk_frames or max(2, round(2 * info.fps))
@@ -63,16 +63,17 @@ def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info:
     return rows
 
 
-def _dotted(source_uri: str) -> bool:
-    """An object store's key is a name, not a path: "raw/x/../a.mp4" is an object of its own, which the
-    listing's relative path ("a.mp4", or "../a.mp4") would give another object's output, or one outside DEST."""
-    return ".." in source_uri.split("://", 1)[-1].split("/")
+def _dotted(rel_path: str) -> bool:
+    """An object store's key is a name, not a path: "raw/x/../a.mp4" is an object of its own, which a resolved
+    relative path ("a.mp4", or "../a.mp4") would give another object's output, or one outside DEST. Only the
+    part below SRC counts: SRC itself may be spelled with '..' ("../raw")."""
+    return ".." in rel_path.split("/")
 
 
 def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, dest: str) -> dict:
     """The plan row of an input that cannot be restored: it is listed, with its reason, and never run."""
     try:
-        output_uri = "" if _dotted(source_uri) else join(dest, safe_relative(rel_path))
+        output_uri = "" if _dotted(rel_path) else join(dest, safe_relative(rel_path))
     except ValueError:
         output_uri = ""
     return {"job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri, "output_uri": output_uri,

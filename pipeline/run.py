@@ -52,10 +52,12 @@ def decode_memory(frame_bytes: int) -> int:
     return WORKER_BASE_BYTES + 2 * frame_bytes
 
 
-def largest_node_memory() -> float:
-    """The most memory any live node offers to tasks now. A task asking for more would wait forever (Ray Data
-    does not fail it), so such chunks are failed up front instead."""
-    return max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+def largest_node_memory(cpus: float) -> float:
+    """The most memory any live node that can run a task of `cpus` CPUs offers now. A task asking for more
+    would wait forever (Ray Data does not fail it), so such chunks are failed up front instead. (On an
+    autoscaling cluster whose large nodes are not up yet this is the memory of the nodes that are.)"""
+    return max((n["Resources"].get("memory", 0.0) for n in ray.nodes()
+                if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus), default=0.0)
 
 
 @ray.remote(num_cpus=0.5, max_retries=3)
@@ -65,8 +67,10 @@ def _probe_task(uri: str, storage_options: dict) -> VideoInfo | str:
     try:
         with storage.ffmpeg_input(uri) as src:
             return probe(src)
-    except (ProbeError, OSError, ValueError) as err:
+    except ProbeError as err:
         return str(err)
+    except Exception as err:  # noqa: BLE001 - storage or anything else: this input's failure, not the job's
+        return f"cannot be read: {type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def probe_all(uris: list[str], storage_options: dict | None = None) -> Iterator[tuple[str, VideoInfo | str]]:

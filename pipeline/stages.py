@@ -118,11 +118,14 @@ class OutOfMemory(RuntimeError):
 
 
 def _out_of_memory(err: BaseException) -> bool:
-    # torch raises OutOfMemoryError on GPUs; its CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator:
-    # can't allocate memory").
+    # torch raises OutOfMemoryError on GPUs, but cuDNN and cuBLAS report theirs as RuntimeErrors
+    # (CUDNN_STATUS_ALLOC_FAILED), as does its CPU allocator ("DefaultCPUAllocator: can't allocate memory").
     import torch
 
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
+    text = str(err)
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        sign in text for sign in ("can't allocate memory", "CUDA out of memory", "CUDA error: out of memory",
+                                  "ALLOC_FAILED"))
 
 
 def _one(value: Any) -> np.ndarray:

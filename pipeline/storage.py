@@ -42,6 +42,11 @@ TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET
                     errno.ECONNABORTED, errno.EPIPE, errno.EIO, errno.EREMOTEIO}
 
 
+TRANSIENT_CLASSES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                     "ResponseStreamingError", "ClientConnectionError", "ClientConnectorError",
+                     "ServerDisconnectedError", "ClientPayloadError", "ClientOSError", "ServerTimeoutError"}
+
+
 def is_transient(err: BaseException) -> bool:
     if isinstance(err, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                         NotADirectoryError)):
@@ -49,9 +54,10 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
     if isinstance(err, OSError):
-        return err.errno in TRANSIENT_ERRNOS or err.errno is None
-    # botocore's and aiohttp's connection errors when they escape s3fs untranslated
-    return type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3")
+        return err.errno in TRANSIENT_ERRNOS
+    # botocore's and aiohttp's connection errors when they escape s3fs untranslated (not their credential or
+    # parameter errors, which no wait cures)
+    return type(err).__name__ in TRANSIENT_CLASSES
 
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
@@ -73,11 +79,19 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
     return call
 
 
+_configured: set[str] = set()  # protocols whose defaults `configure` set, so the next job can clear them
+
+
 def configure(options: dict[str, dict]) -> None:
     """Make `options` (fsspec keyword arguments per protocol) the defaults of every filesystem this process
-    opens from now on. Each Ray task and actor that touches storage calls it with the job's options."""
+    opens from now on, and drop those an earlier job in this process set. Each Ray task and actor that
+    touches storage calls it with its job's options (a pooled worker may have served another job)."""
+    for protocol in _configured - set(options):
+        fsspec.config.conf.pop(protocol, None)
     for protocol, kwargs in options.items():
         fsspec.config.conf[protocol] = dict(kwargs)
+    _configured.clear()
+    _configured.update(options)
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -177,6 +191,10 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             f.write(data)
     except FileExistsError:
         return False
+    except OSError as err:  # a store that answers 412 without naming the condition (s3fs then says EINVAL)
+        if "PreconditionFailed" in str(err) or "412" in str(err):
+            return False
+        raise
     return True
 
 

@@ -261,11 +261,14 @@ def test_object_keys_with_dot_dot_parts_are_refused(tmp_path):
     clip = make_clip(tmp_path / "in" / "c.mkv", frames=4, extra=("-c:v", "ffv1"))
     info = probe(str(clip))
     spec = JobSpec(src="s3://archive/raw", dest=str(tmp_path / "out"))
-    for key, rel in (("raw/a/../../escape.mkv", "../escape.mkv"), ("raw/x/../inside.mkv", "inside.mkv")):
+    # the listing gives the part below SRC literally (storage.list_files): a key's '..' stays in it
+    for key, rel in (("raw/a/../../escape.mkv", "a/../../escape.mkv"), ("raw/x/../inside.mkv", "x/../inside.mkv")):
         with pytest.raises(ValueError, match=r"has a '\.\.' part"):
             plan_video(spec, "job-x", f"s3://archive/{key}", rel, info, (0, 0))
         assert failed_video_row("job-x", f"s3://archive/{key}", rel, "why", spec.dest)["output_uri"] == ""
     assert plan_video(spec, "job-x", "s3://archive/raw/a..b.mkv", "a..b.mkv", info, (0, 0))  # '..' in a name is fine
+    # SRC itself may be spelled with '..' (`reelmend restore ../raw out`): only the part below SRC counts
+    assert plan_video(spec, "job-x", "/home/me/../raw/c.mkv", "c.mkv", info, (0, 0))
 
 
 def test_a_bucket_with_escaping_keys_restores_the_rest_inside_dest(tmp_path, s3, ray_address):

@@ -38,3 +38,19 @@ def test_local_lease_names_the_holder_and_frees_on_exit(tmp_path):
                 pass
     with lease.hold(root):  # the lock went with the first holder
         pass
+
+
+def test_a_driver_whose_lease_was_taken_over_stops_at_its_next_check(monkeypatch):
+    monkeypatch.setattr(lease, "TTL", 0.4)  # renewals every 0.1 s
+    root = f"memory://leases-{time.time_ns()}/_reelmend/job-b"
+    with lease.hold(root) as held:
+        held.check()  # still ours
+        other = {"token": "other", "host": "elsewhere", "pid": 2, "acquired_at": time.time(),
+                 "renewed_at": time.time()}
+        storage.write_bytes(f"{root}/lease", json.dumps(other).encode())  # taken over while we were away
+        deadline = time.monotonic() + 5
+        while not held.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(lease.LeaseLost, match="another run took over"):
+            held.check()
+    assert json.loads(storage.read_bytes(f"{root}/lease"))["token"] == "other"  # the new holder's stays
