@@ -140,12 +140,17 @@ def test_ray_job_submit_runs_a_restore_on_the_cluster(tmp_path):
         make_clip(src / "clip.mkv", frames=30, extra=("-c:v", "ffv1"))
         dest = tmp_path / "out"
         bin_dir = Path(sys.executable).parent
-        submit = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--",
-             str(bin_dir / "reelmend"), "restore", str(src), str(dest), "--chain", "identity", "--lossless",
-             "--chunk-frames", "10"],
-            capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items()
-                                                              if k not in ("REELMEND_FAULTS", "RAY_ADDRESS")})
+        deadline = time.monotonic() + 120
+        while True:  # the head's job agent comes up some seconds after the node: the server says to retry
+            submit = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--",
+                 str(bin_dir / "reelmend"), "restore", str(src), str(dest), "--chain", "identity", "--lossless",
+                 "--chunk-frames", "10"],
+                capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items()
+                                                                  if k not in ("REELMEND_FAULTS", "RAY_ADDRESS")})
+            if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
         assert "1/1 video(s) restored" in submit.stdout + submit.stderr  # the driver's own report, via Ray
