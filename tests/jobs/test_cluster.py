@@ -26,7 +26,8 @@ def cluster():
     made = []
 
     def make(nodes: list[dict]):
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                          "dashboard_agent_listen_port": free_port()})
         made.append(c)
         workers = [c.add_node(object_store_memory=150 * 2**20, **args) for args in nodes]
         c.wait_for_nodes()
@@ -35,6 +36,13 @@ def cluster():
     yield make
     for c in made:
         c.shutdown()
+
+
+def free_port() -> int:
+    """A port for a head's dashboard agent: its default (52365) is taken by the session's own Ray instance."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def restore(c: Cluster, src: Path, dest: Path, *args: str) -> subprocess.Popen:
@@ -102,8 +110,10 @@ def test_worker_node_killed_mid_job_still_completes_frame_exact(tmp_path, clips,
 
 
 def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, clips, cluster):
-    # One node declares a GPU (this machine has none: the actor's torch falls back to the CPU) and one CPU,
-    # which the restore actor takes whole; decode and encode can only run on the CPU node.
+    # One node declares a GPU (this machine has none: the actor's torch falls back to the CPU) and one CPU.
+    # Ray's scheduler keeps tasks that need no GPU off GPU nodes while CPU nodes have room
+    # (RAY_scheduler_avoid_gpu_nodes), but spills onto them when the CPU nodes are full, so decode and encode
+    # run mostly, not only, on the CPU node.
     c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2}, {"num_cpus": 1, "num_gpus": 1}])
     src = tmp_path / "in"
     src.mkdir()
@@ -119,8 +129,8 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
             nodes.update(id(n) for n in nodes_running([cpu_node, gpu_node], name))
         time.sleep(0.02)
     assert driver.returncode == 0, driver.stdout.read().decode(errors="replace")[-3000:]
-    assert seen["RestoreStage"] == {id(gpu_node)}
-    assert seen["decode_chunk"] | seen["encode_chunk"] <= {id(cpu_node)} and seen["decode_chunk"]
+    assert seen["RestoreStage"] == {id(gpu_node)}  # every restore actor, on the GPU node
+    assert id(cpu_node) in seen["decode_chunk"] and id(cpu_node) in seen["encode_chunk"]
     frames = decode(dest / "bikes.mkv")
     assert frames.shape == (60, 136, 320, 3)
 
@@ -128,11 +138,10 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
 def test_ray_job_submit_runs_a_restore_on_the_cluster(tmp_path):
     """`ray job submit -- reelmend restore ...`: the driver runs on the cluster (RAY_ADDRESS set by Ray's job
     supervisor) and finds it without --address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                      "dashboard_host": "127.0.0.1", "dashboard_port": port})
+                                                      "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                                                      "dashboard_agent_listen_port": free_port()})
     try:
         c.add_node(num_cpus=2, object_store_memory=150 * 2**20)
         c.wait_for_nodes()

@@ -90,5 +90,5 @@ def test_default_chunks_are_about_two_seconds(clips, tmp_path):
 def test_object_keys_cannot_escape_dest(clips, tmp_path):
     info = probe(str(clips / "bikes.mp4"))
     spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="escape"):
+    with pytest.raises(ValueError, match=r"'\.\.' part|escape"):
         plan_video(spec, "job-x", "x", "../../etc/bikes.mp4", info, (0, 0))
