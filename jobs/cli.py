@@ -25,10 +25,13 @@ out = Console(highlight=False, emoji=False)
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
-def _fail(err: BaseException, code: int, verbose: bool) -> None:
+def _fail(err: BaseException, code: int, verbose: bool, progress=None) -> None:
     if verbose:
         console.print(traceback.format_exc(), markup=False)
     message = " ".join(str(err).split()) or type(err).__name__
+    if progress is not None:
+        progress.stop()
+        progress.event("error", message=message, exit_code=code)
     console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -41,7 +44,7 @@ def _validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _guarded(fn, verbose: bool):
+def _guarded(fn, verbose: bool, progress=None):
     """Map failures to exit codes: config and input problems are 2, anything unexpected is 1."""
     from models.weights import WeightsError
     from pipeline.lease import LeaseHeld
@@ -51,14 +54,14 @@ def _guarded(fn, verbose: bool):
     except typer.Exit:
         raise
     except ValidationError as err:
-        _fail(ValueError(_validation_message(err)), EXIT_USAGE, verbose)
+        _fail(ValueError(_validation_message(err)), EXIT_USAGE, verbose, progress)
     except (WeightsError, FileNotFoundError, ValueError, LeaseHeld) as err:
-        _fail(err, EXIT_USAGE, verbose)
+        _fail(err, EXIT_USAGE, verbose, progress)
     except KeyboardInterrupt:
         console.print("interrupted; `reelmend resume DEST` continues where this stopped")
         raise typer.Exit(130)
     except Exception as err:  # noqa: BLE001
-        _fail(err, EXIT_CRASH, verbose)
+        _fail(err, EXIT_CRASH, verbose, progress)
 
 
 STORAGE_HELP = ("fsspec options per protocol as JSON, or @FILE holding it, e.g. '{\"s3\": {\"endpoint_url\": "
@@ -79,7 +82,33 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
-def _report(result) -> None:
+QUIET_HELP = "No progress and no per-video lines: only errors and failed videos (the exit status says the rest)."
+JSONL_HELP = "Progress, log lines, per-video results and errors as JSON lines on stdout (for logs and CI)."
+
+
+def _progress(quiet: bool, jsonl: bool):
+    from jobs.progress import Progress, pick_mode
+
+    return Progress(pick_mode(quiet, jsonl, console), console=console)
+
+
+def _report(result, progress) -> None:
+    fps = result.frames_in / result.seconds if result.seconds else 0.0
+    if progress.mode == "jsonl":
+        for v in result.videos:
+            progress.event("video", path=v.rel_path, status=v.status, output=v.output_uri, reason=v.reason,
+                           frames_out=v.frames_out)
+        progress.event("summary", job_id=result.job_id, manifest=result.manifest_uri,
+                       done=sum(v.status == "done" for v in result.videos),
+                       failed=sum(v.status == "failed" for v in result.videos),
+                       pending=sum(v.status == "pending" for v in result.videos), seconds=round(result.seconds, 2),
+                       frames_in=result.frames_in, frames_per_s=round(fps, 3), exit_code=result.exit_code)
+        return
+    if progress.mode == "quiet":
+        for v in result.videos:
+            if v.status != "done":
+                console.print(f"{v.status}: {escape(v.rel_path)}: {escape(v.reason)}", soft_wrap=True)
+        return
     for v in result.videos:
         mark = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(v.status, "[yellow]pending[/]")
         # file names and reasons are text, never markup: "take[/b]1.mkv" is a valid name
@@ -87,7 +116,6 @@ def _report(result) -> None:
         line += f" -> {escape(v.output_uri)}" if v.status == "done" else f": {escape(v.reason)}" if v.reason else ""
         out.print(line, soft_wrap=True)
     done = sum(v.status == "done" for v in result.videos)
-    fps = result.frames_in / result.seconds if result.seconds else 0.0
     out.print(f"{done}/{len(result.videos)} video(s) restored in {result.seconds:.1f} s "
               f"({result.frames_in} source frames this run, {fps:.1f} frames/s); manifest: "
               f"{escape(result.manifest_uri)}",
@@ -113,6 +141,8 @@ def restore(
     decode_cpus: Annotated[float, typer.Option(help="CPUs per decode task.")] = 1.0,
     encode_cpus: Annotated[float, typer.Option(help="CPUs per encode task.")] = 1.0,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Restore every video under SRC into DEST; re-running the same command resumes."""
@@ -130,10 +160,11 @@ def restore(
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
                        max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless),
                        resources=resources, storage_options=_storage_options(storage_options))
-        return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
+        return run_job(spec, address=address, progress=progress)
 
-    result = _guarded(go, verbose)
-    _report(result)
+    progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
+    result = _guarded(go, verbose, progress)
+    _report(result, progress)
     raise typer.Exit(result.exit_code)
 
 
@@ -143,6 +174,8 @@ def resume(
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Finish a stopped or partly failed job: redo only unfinished chunks, then stitch."""
@@ -157,10 +190,11 @@ def resume(
         storage.configure(options)  # to read the manifest itself
         spec = Manifest(dest.rstrip("/"), pick_job(dest.rstrip("/"), job_id)).read_spec()
         spec = JobSpec.model_validate({**spec.model_dump(), "storage_options": options})
-        return run_job(spec, address=address, log=lambda m: console.print(m, markup=False))
+        return run_job(spec, address=address, progress=progress)
 
-    result = _guarded(go, verbose)
-    _report(result)
+    progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
+    result = _guarded(go, verbose, progress)
+    _report(result, progress)
     raise typer.Exit(result.exit_code)
 
 
@@ -197,6 +231,30 @@ def status(
 
 
 @app.command()
+def report(
+    dest: Annotated[str, typer.Argument(help="The DEST of a job.")],
+    job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
+    out_path: Annotated[Optional[str], typer.Option("--out", help="Where to write the page (default: report.html in the job's manifest folder).")] = None,
+    quality: Annotated[Optional[str], typer.Option(help="A `reelmend bench quality --json` file to include.")] = None,
+    samples: Annotated[int, typer.Option(help="Sample frames per video.")] = 3,
+    storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """One self-contained HTML page per job: before/after frames, properties, timings, failures, quality."""
+    from jobs.report import write_report
+    from pipeline import storage
+
+    def go():
+        if samples < 1:
+            raise ValueError(f"--samples must be at least 1, got {samples}")
+        storage.configure(_storage_options(storage_options))
+        return write_report(dest.rstrip("/"), job_id, out=out_path, quality=quality, samples=samples)
+
+    uri = _guarded(go, verbose)
+    out.print(f"report: {escape(uri)}", soft_wrap=True)
+
+
+@app.command()
 def train(
     stage: Annotated[str, typer.Argument(help="The stage to train: denoise, deblock, descratch, sr2x, sr4x, interp2x.")],
     data: Annotated[str, typer.Option(help="Clean videos and images (local path, s3://, ...).")],
@@ -226,6 +284,8 @@ def train(
     data_licence: Annotated[Optional[str], typer.Option(help="Licence of the data, for the model card.")] = None,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True, help="Fault drill: kill a worker.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress: only errors and the result.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Progress, checkpoints and the result as JSON lines on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
     """Train a stage on Ray Train (fidelity, then GAN fine-tuning) and export its weights to OUT."""
@@ -247,9 +307,14 @@ def train(
                          source_scale=source_scale, pool_clips=pool_clips, pool_variants=pool_variants, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))
-        return run_training(spec, address=address, log=lambda m: console.print(m, markup=False))
+        return run_training(spec, address=address, progress=progress)
 
-    result = _guarded(go, verbose)
+    progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
+    result = _guarded(go, verbose, progress)
+    if progress.mode == "jsonl":
+        progress.event("summary", out=result.out, weights=result.weights, metrics=result.metrics,
+                       seconds=round(result.seconds, 2))
+        return
     for uri in result.weights:
         out.print(f"wrote {escape(uri)}", soft_wrap=True)
     m = result.metrics

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jobs.progress import Progress
 from models.chain import chain_geometry, check_weights, parse_chain
 from pipeline import lease, storage
 from pipeline.config import JobSpec
@@ -87,20 +88,27 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[
     manifest.append_events(failed)
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], None] = print) -> JobResult:
+def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], None] = print,
+            progress: Progress | None = None) -> JobResult:
+    """Run (or resume) the job; `progress` shows it live (default: `log` lines with a count every 10 s)."""
     started = time.monotonic()
+    progress = progress or Progress("plain", log=log)
     storage.configure(spec.storage_options)
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
     with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
-        result = _run_job(spec, job_id, manifest, address, log, held)
+        try:
+            result = _run_job(spec, job_id, manifest, address, progress, held)
+        finally:
+            progress.stop()
     result.seconds = time.monotonic() - started
     return result
 
 
 def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None,
-             log: Callable[[str], None], held: lease.Lease) -> JobResult:
+             progress: Progress, held: lease.Lease) -> JobResult:
+    log = progress.log
     if manifest.has_plan():
         stored = manifest.read_spec()
         if _shaping(stored) != _shaping(spec):
@@ -118,7 +126,7 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
-    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, log, held)
+    result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, progress, held)
     held.check()
     _stitch_ready(spec, manifest, plan, temporal, log)
     result.videos = summarize(manifest, plan, spec.max_attempts)
@@ -142,8 +150,10 @@ def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[d
 
 
 def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int, temporal: int,
-                log: Callable[[str], None], held: lease.Lease) -> tuple[int, int]:
+                progress: Progress, held: lease.Lease) -> tuple[int, int]:
+    log = progress.log
     chunks = frames = 0
+    failing = _start_progress(progress, plan, manifest)
     while todo := _runnable(plan, manifest, spec.max_attempts):
         held.check()
         wave, too_big = _fit_memory(todo[:WAVE], manifest, spec.resources.decode_cpus)
@@ -167,12 +177,39 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                             "worker": row["worker"]})
                 chunks += 1
                 frames += int(row["frames_in"]) if ok else 0
+                key = (row["video_id"], int(row["chunk_index"]))
+                (failing.discard if ok else failing.add)(key)
+                progress.update(advance=_own_frames(row) if ok else 0, chunks_done=progress.fields["chunks_done"] + ok,
+                                failures=len(failing))
+                progress.event("chunk", video_id=row["video_id"], chunk_index=key[1], status="done" if ok else "failed",
+                               attempt=int(row["attempt"]), frames=int(row["frames_in"]),
+                               error=None if ok else f"{row['error_kind']}: {row['error_message']}")
                 if not ok:
                     log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
                         f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
         finally:
             writer.flush()
     return chunks, frames
+
+
+def _own_frames(row: dict) -> int:
+    """A chunk's own source frames (without the context frames it decoded), the unit progress counts."""
+    return int(row["frame_end"]) - int(row["frame_start"])
+
+
+def _start_progress(progress: Progress, plan: list[dict], manifest: Manifest) -> set[tuple[str, int]]:
+    """Start counting source frames and chunks over the whole job (those done by earlier runs included);
+    returns the chunks failing now, which this run may yet retry."""
+    states = manifest.chunk_states()
+    rows = [r for r in plan if r["chunk_index"] >= 0]
+    stitched = {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
+    done = [r for r in rows if r["video_id"] in stitched
+            or states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status == "done"]
+    failing = {k for k, s in states.items() if s.status == "failed"}
+    progress.start("restoring", total=sum(map(_own_frames, rows)), done=sum(map(_own_frames, done)), unit="frames",
+                   detail="chunks {chunks_done}/{chunks_total}, {failures} failed",
+                   chunks_done=len(done), chunks_total=len(rows), failures=len(failing))
+    return failing
 
 
 def _fit_memory(wave: list[dict], manifest: Manifest, decode_cpus: float = 1.0) -> tuple[list[dict], int]:

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.util.queue import Queue
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import train_checkpoint, train_data
+from jobs.progress import Progress
 from jobs.train_config import TrainSpec
 from jobs.train_loop import build_generator, train_loop
 from models.chain import STAGES
@@ -47,8 +49,11 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str], None] = print) -> TrainResult:
+def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str], None] = print,
+                 progress: Progress | None = None) -> TrainResult:
     t0 = time.time()
+    progress = progress or Progress("plain", log=log)
+    log = progress.log
     run_name = f"train-{spec.stage}"
     checkpoints = storage.join(spec.out, "checkpoints")
     check_resume(spec, checkpoints, run_name)
@@ -59,9 +64,12 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     cpus = worker_cpus(spec)
     threads = max(1, int(cpus))
     storage_path, storage_fs = ray_storage(checkpoints)
+    # rank 0 puts its latest losses here about once a second; no CPU of its own, so it never waits for one
+    updates = Queue(maxsize=64, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(), "val": [ray.put(val)], "threads": threads},
+        train_loop_config={"spec": spec.model_dump(), "val": [ray.put(val)], "threads": threads,
+                           "progress": updates},
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if spec.gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -72,7 +80,7 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     log(f"training {spec.stage} ({spec.arch_name}) on {spec.workers} worker(s) x {cpus:g} CPU"
         f"{' + 1 GPU' if spec.gpu else ''}: {spec.steps} fidelity + {spec.gan_steps} GAN steps, "
         f"checkpoints in {checkpoints}/{run_name}")
-    with watch_progress(storage.join(checkpoints, run_name), spec, log):
+    with watch_progress(storage.join(checkpoints, run_name), spec, progress, updates, start):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training of {spec.stage} produced no checkpoint")
@@ -86,14 +94,30 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
 
 
 @contextmanager
-def watch_progress(run_dir: str, spec: TrainSpec, log: Callable[[str], None], every: float = 2.0):
-    """Log each new checkpoint's metrics (losses, validation PSNR, steps/s) while the run goes on. Reading them
-    from storage works wherever the cluster runs, and keeps the workers' own logs out of the user's terminal."""
+def watch_progress(run_dir: str, spec: TrainSpec, progress: Progress, updates: Queue, start: int,
+                   every: float = 2.0):
+    """Show the run live: steps done, steps/s, ETA and the latest losses from rank 0's updates, and a log line
+    with each new checkpoint's metrics (losses, validation PSNR). Both come through Ray (a queue actor, the
+    checkpoint storage), so this works wherever the cluster runs and keeps the workers' logs out of the
+    user's terminal."""
     stop = threading.Event()
     seen = set(checkpoint_names(run_dir))
+    log = progress.log
+    progress.start(f"training {spec.stage}", total=spec.total_steps, done=start, unit="steps",
+                   detail="{phase}, pixel loss {loss:.4f}", phase="fidelity" if start < spec.steps else "gan")
+
+    def drain() -> None:
+        try:
+            latest = updates.get_nowait_batch(updates.qsize())[-1:]
+        except Exception:  # noqa: BLE001 - nothing new, or the queue is gone with the run
+            latest = []
+        for m in latest:  # the pixel loss is the one comparable across both phases
+            progress.update(advance=m["step"] - progress.done, phase=m["phase"], loss=m.get("loss_pixel", 0.0))
+            progress.event("step", **m)
 
     def poll() -> None:
         while not stop.wait(every):
+            drain()
             for name in sorted(set(checkpoint_names(run_dir)) - seen):
                 state_uri = storage.join(run_dir, name, train_checkpoint.META)
                 try:
@@ -103,6 +127,7 @@ def watch_progress(run_dir: str, spec: TrainSpec, log: Callable[[str], None], ev
                 seen.add(name)
                 if history:
                     log(format_metrics(history[-1], spec))
+                    progress.event("checkpoint", **history[-1])
 
     thread = threading.Thread(target=poll, name="train-progress", daemon=True)
     thread.start()
@@ -111,6 +136,8 @@ def watch_progress(run_dir: str, spec: TrainSpec, log: Callable[[str], None], ev
     finally:
         stop.set()
         thread.join()
+        drain()
+        progress.stop()
 
 
 def format_metrics(m: dict, spec: TrainSpec) -> str:

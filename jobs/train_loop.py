@@ -92,6 +92,7 @@ def train_loop(config: dict) -> None:
 
     # -- steps -----------------------------------------------------------------------------------------
     batches = endless(ray.train.get_dataset_shard("train"), spec.batch, device)
+    tell = progress_teller(config.get("progress") if rank == 0 else None)
     sums: dict[str, float] = {}
     counted, t0 = 0, time.perf_counter()
     for step in range(start, spec.total_steps):
@@ -114,6 +115,7 @@ def train_loop(config: dict) -> None:
         counted += 1
 
         done = step + 1
+        tell({"step": done, "phase": phase_of(step, spec), **metrics}, last_step=done == spec.total_steps)
         if done % spec.checkpoint_every and done not in (spec.steps, spec.total_steps):
             continue
         elapsed = time.perf_counter() - t0
@@ -143,6 +145,24 @@ def train_loop(config: dict) -> None:
         if done == spec.steps:
             opt_g = generator_optimizer(unwrap(g), spec, gan=True)  # a fresh, slower optimiser for the GAN phase
         t0 = time.perf_counter()
+
+
+def progress_teller(queue, every: float = 1.0):
+    """What rank 0 tells the driver's progress display: the latest step's losses, at most once a second (a
+    queue actor's call costs a round trip; the loop must not wait on a display)."""
+    last = [0.0]
+
+    def tell(report: dict, last_step: bool = False) -> None:
+        now = time.monotonic()
+        if queue is None or (now - last[0] < every and not last_step):
+            return
+        last[0] = now
+        try:
+            queue.put_nowait(report)
+        except Exception:  # noqa: BLE001 - a full or lost queue costs the display an update, never the run
+            pass
+
+    return tell
 
 
 # -- the two kinds of step ----------------------------------------------------------------------------------

@@ -30,11 +30,14 @@ def connect(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    # Ray Data's per-dataset INFO lines ("execution finished in ...") are noise in a CLI; warnings stay.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI
+    # that shows its own progress; its errors stay.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data's advice to tune `memory=` of its operators is for its developers; reelmend sizes them itself.
+    ctx.issue_detectors_config.detectors = []
 
 
 def cluster_has_gpus() -> bool:

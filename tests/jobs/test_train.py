@@ -7,6 +7,7 @@ resumed for more steps, and a mismatched or unasked-for reuse of the folder is r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import ffmpeg
 
+from jobs.progress import Progress
 from jobs.train import run_training
 from jobs.train_config import TrainSpec
 from models.chain import load_chain
@@ -88,7 +90,12 @@ def test_a_fidelity_only_run_resumed_with_a_gan_phase(ray_address, clean_data, t
     are the ones of the first run, the GAN weights continue from them, and both run in the chain."""
     out = tmp_path / "interp"
     tiny = dict(stage="interp2x", arch_args={"features": 8, "levels": 2}, steps=2, gan_steps=0)
-    run_training(spec(clean_data, out, **tiny), log=lambda m: None)
+    shown = io.StringIO()
+    run_training(spec(clean_data, out, **tiny), progress=Progress("jsonl", stream=shown))
+    events = [json.loads(line) for line in shown.getvalue().splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]  # live steps of the total, from rank 0
+    assert progress[-1]["unit"] == "steps" and progress[-1]["done"] == progress[-1]["total"] == 2
+    assert any(e["event"] == "checkpoint" and e["step"] == 2 and "val_psnr" in e for e in events)
     assert sorted(p.name for p in out.glob("interp2x*")) == ["interp2x.json", "interp2x.safetensors"]
     fidelity = (out / "interp2x.safetensors").read_bytes()
     assert "still.png" not in read_card(str(out), "interp2x", "fidelity")["data"]["source_files"]
