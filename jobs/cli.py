@@ -203,31 +203,49 @@ def status(
     dest: Annotated[str, typer.Argument(help="The DEST of a job.")],
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    all_jobs: Annotated[bool, typer.Option("--all", help="Every job under DEST, a table each (--json: a list).")] = False,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Per-video state of a job: done, failed (with the reason) or pending."""
+    """Per-video state of a job: done, failed (with the reason) or pending; frames, duration, compute time."""
     from jobs.status import job_status
     from pipeline import storage
+    from pipeline.manifest import list_jobs
 
     def go():
         storage.configure(_storage_options(storage_options))
-        return job_status(dest.rstrip("/"), job_id)
+        if all_jobs:
+            jobs = [job_id] if job_id else list_jobs(dest.rstrip("/"))
+            return [job_status(dest.rstrip("/"), j) for j in jobs] or [job_status(dest.rstrip("/"), None)]
+        return [job_status(dest.rstrip("/"), job_id)]
 
-    info = _guarded(go, verbose)
+    infos = _guarded(go, verbose)
     if as_json:
-        out.print_json(json.dumps(info))
+        out.print_json(json.dumps(infos if all_jobs else infos[0]))
     else:
-        table = Table(title=f"job {info['job_id']} ({info['chain']})")
-        for col in ("video", "status", "chunks done/failed/pending", "frames out", "reason"):
-            table.add_column(col)
-        for v in info["videos"]:
-            c = v["chunks"]
-            table.add_row(escape(v["path"]), v["status"], f"{c['done']}/{c['failed']}/{c['pending'] + c['running']}",
-                          str(v["frames_out"] or ""), escape(v["reason"]))
-        out.print(table)
-        out.print(f"manifest: {escape(info['manifest'])}", soft_wrap=True)
-    raise typer.Exit(EXIT_OK if all(v["status"] == "done" for v in info["videos"]) else EXIT_PARTIAL)
+        for info in infos:
+            out.print(status_table(info))
+            out.print(f"manifest: {escape(info['manifest'])}", soft_wrap=True)
+    ok = all(v["status"] == "done" for info in infos for v in info["videos"])
+    raise typer.Exit(EXIT_OK if ok else EXIT_PARTIAL)
+
+
+def status_table(info: dict) -> Table:
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))
+    table = Table(title=f"job {info['job_id']} ({info['chain']}): {counts}")
+    table.add_column("video", overflow="fold")
+    for col in ("status", "chunks done", "frames in/out", "duration", "compute"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    for v in info["videos"]:
+        c = v["chunks"]
+        total = sum(c.values())
+        chunks = f"{c['done']}/{total}" + (f", {c['failed']} failed" if c["failed"] else "") if total else ""
+        frames = f"{v['frames_in']}/{v['frames_out'] or '-'}" if v["frames_in"] else ""
+        table.add_row(escape(v["path"]), v["status"], chunks, frames,
+                      f"{v['duration_s']:.1f} s" if v["duration_s"] else "",
+                      f"{v['compute_s']:.1f} s" if v["compute_s"] else "", escape(v["reason"]))
+    return table
 
 
 @app.command()
@@ -364,29 +382,44 @@ def demo(
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="What to measure: quality or memory.")] = "memory",
+    what: Annotated[str, typer.Argument(help="What to measure: perf (speed and memory), quality or memory.")] = "perf",
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
     clean: Annotated[Optional[str], typer.Option(help="quality: folder or bucket of clean videos not used in training.")] = None,
     models: Annotated[Optional[str], typer.Option(help="quality: weights folder (default: the shipped weights).")] = None,
     stages: Annotated[Optional[str], typer.Option(help="quality: only these stages, comma-separated.")] = None,
-    frames: Annotated[int, typer.Option(help="quality: frames per clean clip.")] = 25,
+    frames: Annotated[Optional[int], typer.Option(help="quality: frames per clean clip (25); perf: per video (40).")] = None,
     clean_scale: Annotated[float, typer.Option(help="quality: area-downscale the clean footage first.")] = 0.5,
     update_cards: Annotated[bool, typer.Option(help="quality: write the figures into the model cards.")] = False,
     markdown: Annotated[Optional[str], typer.Option(help="quality: also write the table as Markdown to this file.")] = None,
     seconds: Annotated[int, typer.Option(help="memory: length of the 1x input in seconds.")] = 4,
+    clip: Annotated[Optional[str], typer.Option(help="perf, memory: the real footage to cut inputs from (default: bikes.mp4).")] = None,
+    chain: Annotated[str, typer.Option(help="perf: the chain to time.")] = "sr2x",
+    height: Annotated[int, typer.Option(help="perf: height of the inputs in pixels.")] = 136,
+    videos: Annotated[int, typer.Option(help="perf: videos in the batch.")] = 3,
     address: Annotated[Optional[str], typer.Option(help="quality: restore on this Ray cluster.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Measure reelmend (JSON out). `quality`: the shipped stages against FFmpeg's classical filters on clean
-    footage (--clean); `memory`: peak job memory for a 10x longer input."""
+    """Measure reelmend (JSON out). `perf` (the default): throughput against the model-only bound and the
+    single-process approach, 1 and 2 restore actors, memory for a 10x longer input, temporary disk, the fixed
+    cost of a job; `quality`: the shipped stages against FFmpeg's classical filters on clean footage
+    (--clean); `memory`: only the memory part of perf."""
+    if what == "perf":
+        from jobs.bench import bench_all
+
+        result = _guarded(lambda: bench_all(json_out, clip=clip, chain=chain, videos=videos, height=height,
+                                            frames=frames or 40,
+                                            log=lambda m: console.print(m, markup=False)), verbose)
+        out.print(perf_table(result))
+        return
     if what == "memory":
         from jobs.bench import bench_memory
 
-        result = _guarded(lambda: bench_memory(json_out, seconds=seconds), verbose)
+        result = _guarded(lambda: bench_memory(json_out, seconds=seconds,
+                                               clip=Path(clip) if clip else None), verbose)
         out.print_json(json.dumps(result))
         return
     if what != "quality":
-        _fail(ValueError(f"unknown benchmark '{what}'; available: quality, memory"), EXIT_USAGE, verbose)
+        _fail(ValueError(f"unknown benchmark '{what}'; available: perf, quality, memory"), EXIT_USAGE, verbose)
     if not clean:
         _fail(ValueError("bench quality needs --clean URI: clean footage the models never saw"), EXIT_USAGE, verbose)
     if not 0 < clean_scale <= 1:
@@ -397,7 +430,7 @@ def bench(
     unknown = sorted(set(chosen or []) - {t.stage for t in TASKS})
     if unknown:
         _fail(ValueError(f"unknown stage(s) {', '.join(unknown)} for bench quality"), EXIT_USAGE, verbose)
-    result = _guarded(lambda: bench_quality(clean, json_out, models=models, frames=frames, clean_scale=clean_scale,
+    result = _guarded(lambda: bench_quality(clean, json_out, models=models, frames=frames or 25, clean_scale=clean_scale,
                                             stages=chosen, update_cards=update_cards, address=address,
                                             log=lambda m: console.print(m, markup=False)), verbose)
     out.print(quality_table(result))
@@ -405,6 +438,29 @@ def bench(
         from jobs.bench_quality import markdown_table
 
         Path(markdown).write_text(markdown_table(result) + "\n")
+
+
+def perf_table(result: dict) -> Table:
+    i = result["input"]
+    table = Table(title=f"reelmend bench: {result['chain']} on {i['videos']} x {i['frames'] // i['videos']} frames "
+                        f"{i['size']} ({result['machine']['cpus']} CPUs)")
+    for col in ("figure", "value", "goal", "what it compares"):
+        table.add_column(col)
+    runs = result["scaling"]["runs"]
+    rows = [
+        ("efficiency", f"{result['efficiency']:.2f}", "≥ 0.9",
+         f"job {result['fps']:.2f} frames/s / model alone {result['model_only_fps'][runs[-1]['actors']]:.2f}"),
+        ("vs_sequential", f"{result['vs_sequential']:.2f}", "≥ 1.0",
+         f"job / FFmpeg pipe -> model -> FFmpeg pipe ({result['sequential_fps']:.2f} frames/s)"),
+        ("memory_ratio", f"{result['memory_ratio']:.2f}", "≤ 1.1", "peak PSS, 10x longer input / 1x"),
+        ("tmp_disk_mb", f"{result['tmp_disk_mb']:.1f}", "a few chunks", "temporary disk peak"),
+        ("scaling", f"{result['scaling']['speedup_2_over_1']:.2f}x", "", " / ".join(
+            f"{r['actors']} actor(s) {r['fps']:.2f} frames/s" for r in runs)),
+        ("fixed_cost_s", f"{result['fixed_cost_s']:.1f}", "", "a job over a 1-second clip, Ray up"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def quality_table(result: dict) -> Table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from jobs.restore import summarize
@@ -36,10 +37,15 @@ def job_status(dest: str, job_id: str | None) -> dict:
     states = manifest.chunk_states()
     videos = summarize(manifest, plan, spec.max_attempts)
     chunks: dict[str, Counter] = {}
+    source: dict[str, dict] = {}
     for row in plan:
         if row["chunk_index"] >= 0:
             s = states.get((row["video_id"], row["chunk_index"]))
             chunks.setdefault(row["video_id"], Counter())[s.status if s else "pending"] += 1
+            if row["video_id"] not in source:
+                info = json.loads(row["probe_json"])
+                source[row["video_id"]] = {"frames_in": int(row["n_frames"]), "duration_s": round(info["duration"], 3)}
+    compute = _compute_seconds(manifest)
     return {
         "job_id": job_id,
         "manifest": manifest.root,
@@ -47,8 +53,21 @@ def job_status(dest: str, job_id: str | None) -> dict:
         "videos": [
             {"video_id": v.video_id, "path": v.rel_path, "output": v.output_uri, "status": v.status,
              "reason": " ".join(v.reason.split()), "frames_out": v.frames_out,  # one line, whatever FFmpeg said
+             "frames_in": source.get(v.video_id, {}).get("frames_in", 0),
+             "duration_s": source.get(v.video_id, {}).get("duration_s", 0.0),
+             "compute_s": round(compute.get(v.video_id, 0.0), 2),
              "chunks": {k: chunks.get(v.video_id, Counter())[k] for k in ("done", "failed", "running", "pending")}}
             for v in videos
         ],
         "counts": dict(Counter(v.status for v in videos)),
     }
+
+
+def _compute_seconds(manifest: Manifest) -> dict[str, float]:
+    """Per video, the seconds its finished chunks took from decode to encode (all attempts)."""
+    events = manifest.read_events().to_pylist()
+    total: dict[str, float] = {}
+    for e in events:
+        if e["chunk_index"] >= 0 and e["status"] in ("done", "failed") and e["started_at"] and e["finished_at"]:
+            total[e["video_id"]] = total.get(e["video_id"], 0.0) + (e["finished_at"] - e["started_at"]).total_seconds()
+    return total

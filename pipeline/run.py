@@ -23,13 +23,12 @@ WORKER_BASE_BYTES = 256 * 2**20
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
     An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address is None and "RAY_ADDRESS" not in os.environ:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
     # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI
     # that shows its own progress; its errors stay.
     logging.getLogger("ray.data").setLevel(logging.ERROR)

@@ -56,6 +56,16 @@ def test_jsonl_reports_every_chunk_progress_to_the_end_and_the_result(ray_addres
     assert quiet.exit_code == 3 and quiet.stdout == ""
     assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()] and "broken.mp4" in quiet.stderr
 
+    # status: a table per job with frames, duration and compute time; the same as JSON for scripts
+    table = runner.invoke(app, ["status", str(dest)], catch_exceptions=False)
+    assert table.exit_code == 3
+    (row,) = [line for line in table.stdout.splitlines() if "a.mkv" in line]
+    assert [cell.strip() for cell in row.split("│")[1:6]] == ["a.mkv", "done", "3/3", "50/50", "2.0 s"]
+    assert "broken" in table.stdout and "failed" in table.stdout
+    (info,) = json.loads(runner.invoke(app, ["status", str(dest), "--all", "--json"]).stdout)
+    (a,) = [v for v in info["videos"] if v["path"] == "a.mkv"]
+    assert a["frames_in"] == a["frames_out"] == 50 and a["duration_s"] == 2.0 and a["compute_s"] > 0
+
 
 def test_jsonl_errors_are_json_too(tmp_path):
     result = runner.invoke(app, ["resume", str(tmp_path), "--jsonl"], catch_exceptions=False)
