@@ -1,23 +1,29 @@
 # `make demo` and `make test` each bootstrap a fresh machine: FFmpeg from Debian's packages when absent, then a
 # .venv with torch==2.13.0 installed first (without the pin pip would pull the multi-GB CUDA build), then
-# the project and its dependencies.
+# the project and its dependencies. `make test` also installs Chromium, which renders `reelmend report`'s page
+# headless in tests/jobs/test_report.py.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test ffmpeg clean
+.PHONY: demo test ffmpeg chromium clean
 
 demo: $(STAMP) ffmpeg
 	$(BIN)/reelmend demo
 
-test: $(STAMP) ffmpeg
+test: $(STAMP) ffmpeg chromium
 	$(BIN)/python -m pytest tests
 
 ffmpeg:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
+
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -1,0 +1,242 @@
+"""`reelmend report DEST`: one self-contained HTML page per job, checked as a reader sees it: the text it holds,
+the frames it pairs, and what headless Chromium actually draws."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from click.testing import Result
+from conftest import decode, ffmpeg, make_clip, psnr, write_tiny_weights
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.report import quality_section
+from models.weights import SHIPPED
+
+runner = CliRunner()
+ODD = "a'b\"c;$(touch x)&<b>.mp4"  # random bytes: must fail, and its name must render as text
+SAMPLES = 3
+SOURCE_FRAMES = 25
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@dataclass
+class Job:
+    src: Path  # the local source folder
+    dest: str  # s3://...: the page is written beside the manifest in the bucket
+    result: Result  # of `reelmend report DEST`
+    page: Path  # a local copy of the page
+    source: np.ndarray  # bikes.mkv's frames
+    output: np.ndarray  # and its restored frames
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, clips, s3, ray_address) -> Job:
+    """1 s of bikes.mp4 at 96 px high with an audio track, a corrupt upload and a video that cannot be decoded,
+    restored once (two chunks each) into a bucket with tiny sr2x then interp2x weights: the output has twice the
+    size and twice the frames of its source. Then `reelmend report DEST`, which reads the manifest and the output
+    from the bucket."""
+    root = tmp_path_factory.mktemp("report")
+    src = root / "in"
+    src.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-t", "1",
+           "-map", "0:v", "-map", "1:a", "-vf", "scale=-2:96", "-c:v", "ffv1", "-c:a", "aac", str(src / "bikes.mkv"))
+    (src / ODD).write_bytes(np.random.default_rng(0).bytes(4096))
+    # a video that probes but cannot be decoded (as tests/jobs/test_bad_inputs.py makes one): its chunk 0 fails
+    whole = make_clip(root / "whole.mp4", frames=30, extra=("-c:v", "libx264", "-threads", "1", "-g", "10"))
+    damaged = bytearray(whole.read_bytes())
+    mdat = damaged.find(b"mdat")
+    for at in range(mdat + 3000, mdat + 4000, 50):
+        damaged[at:at + 8] = b"\xff" * 8
+    (src / "corrupt packets.mp4").write_bytes(bytes(damaged))
+    weights = write_tiny_weights(root / "weights", "sr2x", perturb=0.02)
+    write_tiny_weights(weights, "interp2x")
+    fs = fsspec.filesystem("s3")
+    bucket = f"report-{os.getpid()}"
+    fs.mkdir(bucket)
+    dest = f"s3://{bucket}/restored"
+    restored = cli("restore", str(src), dest, "--chain", "sr2x,interp2x", "--models", str(weights), "--lossless",
+                   "--chunk-frames", "13", "--max-attempts", "2")
+    assert restored.exit_code == 3, restored.output  # the corrupt files failed, bikes.mkv is done
+    result = cli("report", dest, "--samples", str(SAMPLES))
+    (job_id,) = fs.ls(f"{bucket}/restored/_reelmend")
+    fs.get_file(f"{job_id}/report.html", str(root / "report.html"))
+    fs.get_file(f"{bucket}/restored/bikes.mkv", str(root / "bikes.mkv"))
+    source, output = decode(src / "bikes.mkv"), decode(root / "bikes.mkv")
+    assert source.shape == (SOURCE_FRAMES, 96, 226, 3) and output.shape == (2 * SOURCE_FRAMES, 192, 452, 3)
+    return Job(src, dest, result, root / "report.html", source, output)
+
+
+FIRST = int(0.5 / SAMPLES * SOURCE_FRAMES)  # the first sample: source frame 4, at (0 + 0.5) / 3 of the video
+
+
+def test_cli_writes_the_page_beside_the_manifest_and_names_it(job, tmp_path):
+    assert job.result.exit_code == 0, job.result.output
+    (job_root,) = fsspec.filesystem("s3").ls(f"{job.dest.removeprefix('s3://')}/_reelmend")
+    # stdout only: the S3 proxy's threads log to stderr when FFmpeg drops a connection it has read enough of
+    assert job.result.stdout.strip() == f"report: s3://{job_root}/report.html"
+    elsewhere = tmp_path / "pages" / "job.html"
+    result = cli("report", job.dest, "--out", str(elsewhere), "--samples", "1")
+    assert result.exit_code == 0, result.output
+    assert str(elsewhere) in result.output and elsewhere.read_text().startswith("<!doctype html>")
+    # one sample: side by side, slider and crop, two images each; and one source frame of the undecodable video
+    assert elsewhere.read_text().count("<img ") == 6 + 1
+
+
+def test_a_folder_without_a_job_exits_2_with_one_line(tmp_path):
+    result = cli("report", str(tmp_path))
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "no reelmend job" in result.output
+
+
+def test_the_page_is_self_contained_and_shows_the_failure_as_text(job):
+    page = job.page.read_text()
+    # nothing is fetched: no remote or protocol-relative src/href, no CSS url() or @import, no external script
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "url(" not in page and "@import" not in page and "<script src" not in page
+    # the output was read through a presigned URL: neither its signature nor the secret reaches the page
+    assert "Signature" not in page and os.environ["AWS_SECRET_ACCESS_KEY"] not in page
+    images = re.findall(r"<img\b[^>]*>", page)
+    assert len(images) == SAMPLES * 6 + 1
+    for tag in images:
+        data = re.search(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', tag)
+        assert data, tag[:120]
+        assert base64.b64decode(data.group(1))[:3] == b"\xff\xd8\xff"  # a JPEG
+    # the corrupt upload: its name as text (never markup), and the reason `reelmend status` gives
+    assert html.escape(ODD) in page and "<b>.mp4" not in page
+    assert "not a readable media file" in page
+    # a video that failed after probing: its reason, how often its chunk was tried, and a frame of its source
+    assert re.search(r"chunk 0: decode: decoding \d+ frames failed: produced \d+ of \d+ frames", page)
+    failed = page[page.index("corrupt packets.mp4</h2>"):]
+    # its timings: chunk 0 tried twice (--max-attempts 2), failing both times
+    assert re.search(r"<th>most attempts</th><th>failed attempts</th></tr><tr>(<td>[^<]*</td>){4}<td>2</td><td>2</td>",
+                     failed)
+    assert 'alt="source frame 15"' in failed
+    assert not (Path.cwd() / "x").exists() and not (job.src / "x").exists()
+    # the source's properties (from the plan's probe) and the output's (probed now), side by side
+    assert "<td>size</td><td>226x96</td><td>452x192</td>" in page
+    assert "<td>fps</td><td>25</td><td>50</td>" in page
+    assert "<td>frames</td><td>25</td><td>50</td>" in page
+    assert "<td>audio</td><td>audio aac</td><td>audio aac</td>" in page
+    # bikes.mkv's 25 frames and the undecodable video's chunks that did restore; only bikes.mkv was written
+    restored = re.search(r"(\d+) source frames in done chunks, 50 output frames in finished videos", page)
+    assert restored and 25 < int(restored.group(1)) < 25 + 30
+    assert '<input type="range"' in page
+
+
+def page_image(page: str, kind: str, frame: int, folder: Path) -> np.ndarray:
+    """The page's first image of `kind` ("source" or "restored") at a source frame, decoded by FFmpeg."""
+    for data, alt in re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" alt="([^"]*)"', page):
+        alt = html.unescape(alt)
+        if alt.startswith(f"{kind} at ") and alt.endswith(f"(source frame {frame})"):
+            path = folder / "image.jpg"
+            path.write_bytes(base64.b64decode(data))
+            return decode(path)[0]
+    raise AssertionError(f"no {kind} image of source frame {frame} in the page")
+
+
+def test_frames_are_paired_by_time_not_index(job, tmp_path):
+    """The page pairs source frame k with output frame 2k (the same presentation time at twice the rate), and
+    shows the source scaled up to the output's size."""
+    source, output, page = job.source, job.output, job.page.read_text()
+    after, before = page_image(page, "restored", FIRST, tmp_path), page_image(page, "source", FIRST, tmp_path)
+    assert after.shape == before.shape == (192, 452, 3)
+    # the page's JPEG of output frame 2k, not of the interpolated frames beside it
+    scores = {j: psnr(after, output[j]) for j in (2 * FIRST - 1, 2 * FIRST, 2 * FIRST + 1)}
+    assert scores[2 * FIRST] > 35 and scores[2 * FIRST] > max(scores[2 * FIRST - 1], scores[2 * FIRST + 1]) + 3
+    upscaled = {j: psnr(before, source[j].repeat(2, axis=0).repeat(2, axis=1)) for j in (FIRST - 1, FIRST, FIRST + 1)}
+    assert max(upscaled, key=upscaled.get) == FIRST, upscaled
+
+
+def test_chromium_draws_the_sample_frames(job, tmp_path):
+    """Render the page headless and find the frames in the screenshot: broken or blank images, or frames from
+    the wrong time, would not be found."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (`make test` installs it)")
+    output = job.output
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--window-size=1200,2400", f"--screenshot={shot}", job.page.as_uri()],
+                   check=True, capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    screen = grey(decode(shot)[0])
+    # the source frame as FFmpeg scales it to the output's size, and the output frame at the same time
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(job.src / "bikes.mkv"), "-vf",
+                          f"select=eq(n\\,{FIRST}),scale=452:192:flags=lanczos", "-frames:v", "1", "-pix_fmt", "rgb24",
+                          "-f", "rawvideo", "pipe:1"], check=True, capture_output=True, timeout=60).stdout
+    before = np.frombuffer(raw, np.uint8).reshape(192, 452, 3)
+    assert best_match(screen, grey(before)) > 0.98
+    assert best_match(screen, grey(output[2 * FIRST])) > 0.98
+    # the zoomed crop: the output's centre 240x160 at 2x, pixel for pixel
+    centre = grey(output[2 * FIRST][16:176, 106:346]).repeat(2, axis=0).repeat(2, axis=1)
+    assert best_match(screen, centre) > 0.98
+    # a frame from another time is not what the page shows
+    assert best_match(screen, grey(output[2 * FIRST + 8])) < 0.95
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+
+
+def best_match(image: np.ndarray, template: np.ndarray) -> float:
+    """The highest normalised cross-correlation of `template` at any position in `image` (J. P. Lewis, "Fast
+    normalized cross-correlation", 1995: correlation by FFT, window energies from summed-area tables)."""
+    ih, iw = image.shape
+    th, tw = template.shape
+    t = template - template.mean()
+    shape = (ih + th, iw + tw)
+    corr = np.fft.irfft2(np.fft.rfft2(image, shape) * np.conj(np.fft.rfft2(t, shape)), shape)
+    corr = corr[:ih - th + 1, :iw - tw + 1]
+
+    def window_sums(a: np.ndarray) -> np.ndarray:
+        s = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return s[th:, tw:] - s[:-th, tw:] - s[th:, :-tw] + s[:-th, :-tw]
+
+    n = th * tw
+    energy = window_sums(image**2) - window_sums(image) ** 2 / n
+    ncc = corr / np.sqrt(np.maximum(energy, 1e-9) * (t**2).sum())
+    return float(ncc[energy > 1e-3 * n].max())  # the flat page background has no texture to correlate
+
+
+def test_a_quality_file_is_tabled_with_where_it_came_from(job, tmp_path):
+    row = {"task": "denoise σ=<25>", "stage": "denoise", "metric": "PSNR", "bar_db": 0.5,
+           "best_baseline": {"name": "nlmeans s=12", "psnr": 30.588, "sharpness": 1.2},
+           "fidelity": {"psnr": 31.25, "sharpness": 0.7}, "gan": {"psnr": 30.5, "sharpness": 0.9},
+           "margin_db": 0.662, "meets_bar": True}
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"clips": [{"name": "bikes"}], "models": "models/weights", "tasks": [row]}))
+    out = tmp_path / "page.html"
+    result = cli("report", job.dest, "--out", str(out), "--quality", str(quality), "--samples", "1")
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "<td>denoise σ=&lt;25&gt;</td><td>PSNR</td><td>nlmeans s=12: 30.59 dB</td><td>31.25 dB</td>" in page
+    assert "+0.66 dB" in page and ">met<" in page and str(quality) in page
+    # the job's own stages: tiny weights whose cards record no measured figures, which the page says
+    assert "sr2x: its model card records no measured figures" in page
+    quality.write_text(json.dumps({"tasks": [{"task": "x"}]}))
+    result = cli("report", job.dest, "--out", str(out), "--quality", str(quality))
+    assert result.exit_code == 2 and "is not the JSON of `reelmend bench quality --json`" in result.output
+
+
+def test_model_stages_show_the_figures_of_their_model_cards():
+    card = json.loads((SHIPPED / "sr2x-gan.json").read_text())
+    task = card["bench_quality"]["tasks"][0]
+    section = quality_section(None, None, ("identity", "sr2x:gan"), str(SHIPPED))
+    assert "sr2x-gan.json" in section and html.escape(task["task"]) in section
+    assert f"{task['psnr']:.2f} dB" in section and f"{task['margin_db']:+.2f} dB" in section
+    assert "No quality figures" in quality_section(None, None, ("identity",), str(SHIPPED))
