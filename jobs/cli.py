@@ -376,7 +376,9 @@ def demo(
     """Make a small degraded sample archive from real footage and restore it on a local Ray instance."""
     from jobs.demo import run_demo
 
-    code = _guarded(lambda: run_demo(workdir, log=lambda m: console.print(m, markup=False)), verbose)
+    progress = _progress(False, False)
+    code = _guarded(lambda: run_demo(workdir, log=lambda m: console.print(m, markup=False), progress=progress),
+                    verbose, progress)
     raise typer.Exit(code)
 
 

@@ -54,7 +54,7 @@ def make_archive(folder: Path) -> list[Path]:
     return made
 
 
-def run_demo(workdir: str, log: Callable[[str], None] = print) -> int:
+def run_demo(workdir: str, log: Callable[[str], None] = print, progress=None) -> int:
     root = Path(workdir).resolve()
     archive, restored = root / "archive", root / "restored"
     make_archive(archive)
@@ -64,12 +64,12 @@ def run_demo(workdir: str, log: Callable[[str], None] = print) -> int:
                               " (no trained weights are shipped yet: the job re-encodes through the full pipeline)"))
     started = time.monotonic()
     spec = JobSpec(src=str(archive), dest=str(restored), chain=chain, encode=EncodeSpec())
-    result = run_job(spec, log=log)
+    result = run_job(spec, log=log, progress=progress)
     wall = time.monotonic() - started
     for v in result.videos:
         log(f"  {v.status}: {v.rel_path} -> {v.output_uri} {v.reason}")
     log(f"outputs:  {restored}")
-    log(f"manifest: {result.manifest_uri}  (`reelmend status {restored}`)")
+    log(f"manifest: {result.manifest_uri}  (`reelmend status {restored}`, `reelmend report {restored}`)")
     log(f"wall time {wall:.1f} s including Ray start; {result.frames_in} frames restored this run, "
         f"{result.frames_in / result.seconds if result.seconds else 0:.1f} frames/s")
     return result.exit_code
