@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from fractions import Fraction
 
 from jobs.status import job_status, pick_job
-from models.chain import STAGES, parse_chain
+from models.chain import STAGES
+from models.geometry import parse_chain
 from models.weights import SHIPPED, read_card, stem
 from pipeline import ffmpeg, storage
 from pipeline.config import JobSpec

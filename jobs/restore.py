@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.progress import Progress
-from models.chain import chain_geometry, check_weights, parse_chain
+from models.chain import check_weights
+from models.geometry import chain_geometry, parse_chain
 from pipeline import lease, storage
 from pipeline.config import JobSpec
 from pipeline.manifest import ChunkState, EventWriter, Manifest

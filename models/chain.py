@@ -1,10 +1,7 @@
 """The restoration chain: stage names -> networks, their frame semantics, and running them over frames.
 
-The pipeline only calls `parse_chain`, `load_chain` and `Chain.run`; everything a stage means (scale, temporal
-factor, neighbour frames) is known here.
-
-Frame semantics (DESIGN.md): spatial stages map N -> N frames; `descratch` reads `radius` neighbours each side;
-`interp2x` maps N -> 2N with frame 2k = source k, 2k+1 = midpoint(k, k+1), and the last frame a copy.
+The pipeline calls `load_chain` and `Chain.run`; what a stage does to frames (scale, temporal factor,
+neighbour frames) and the chain grammar live in `models.geometry`, which needs no torch.
 
 Frames too large for one forward pass are cut into overlapping tiles whose outputs are blended with linear ramps
 over the overlap (the tiling of Real-ESRGAN's inference script, with feathering instead of hard seams).
@@ -13,6 +10,7 @@ over the overlap (the tiling of Real-ESRGAN's inference script, with feathering 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,91 +20,39 @@ from torch import nn
 
 from models.compact_sr import CompactSR
 from models.flow_interp import FlowInterp
+from models.geometry import GEOMETRY, Geometry, StepRef, chain_geometry, parse_chain
 from models.restorer_net import RestorerNet
 from models.rrdb_sr import RRDBNet
 from models.weights import SHIPPED, WeightsError, load_state
 
-FLAVOURS = ("fidelity", "gan")
-
 
 @dataclass(frozen=True)
-class StageInfo:
-    """What a stage does to frames, and which architectures back it (None: no model).
+class StageInfo(Geometry):
+    """A stage's geometry (`models.geometry`) and the architectures that back it (None: no model).
 
     `arch` is the default (what `reelmend train` builds and what ships); `alternatives` are other architectures
     with the same tensor contract that a weights card may name, e.g. the larger RRDBNet for GPU clusters.
     """
 
-    arch: type[nn.Module] | None
+    arch: type[nn.Module] | None = None
     default_args: dict[str, Any] = field(default_factory=dict)
-    scale: int = 1
-    temporal_factor: int = 1
-    radius: int = 0  # neighbour frames read on each side (windowed temporal stages)
     alternatives: tuple[type[nn.Module], ...] = ()
 
     @property
     def archs(self) -> dict[str, type[nn.Module]]:
         return {a.__name__: a for a in (self.arch, *self.alternatives) if a is not None}
 
-    @property
-    def is_interp(self) -> bool:
-        return self.temporal_factor == 2
 
-
-STAGES: dict[str, StageInfo] = {
-    "identity": StageInfo(arch=None),
-    "denoise": StageInfo(RestorerNet, {"in_frames": 1}),
-    "deblock": StageInfo(RestorerNet, {"in_frames": 1}),
-    "descratch": StageInfo(RestorerNet, {"in_frames": 3}, radius=1),
-    "sr2x": StageInfo(CompactSR, {"scale": 2}, scale=2, alternatives=(RRDBNet,)),
-    "sr4x": StageInfo(CompactSR, {"scale": 4}, scale=4, alternatives=(RRDBNet,)),
-    "interp2x": StageInfo(FlowInterp, {}, temporal_factor=2),
+_NETWORKS: dict[str, dict[str, Any]] = {
+    "identity": {},
+    "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
+    "deblock": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
+    "descratch": {"arch": RestorerNet, "default_args": {"in_frames": 3}},
+    "sr2x": {"arch": CompactSR, "default_args": {"scale": 2}, "alternatives": (RRDBNet,)},
+    "sr4x": {"arch": CompactSR, "default_args": {"scale": 4}, "alternatives": (RRDBNet,)},
+    "interp2x": {"arch": FlowInterp},
 }
-
-
-@dataclass(frozen=True)
-class StepRef:
-    stage: str
-    flavour: str = "fidelity"
-
-    def __str__(self) -> str:
-        return self.stage if self.flavour == "fidelity" else f"{self.stage}:{self.flavour}"
-
-
-def parse_chain(steps: str | tuple[str, ...] | list[str]) -> list[StepRef]:
-    """`"denoise,sr2x:gan"` -> [StepRef(denoise), StepRef(sr2x, gan)]; ValueError naming what is wrong."""
-    items = steps.split(",") if isinstance(steps, str) else list(steps)
-    refs = []
-    for item in (s.strip() for s in items):
-        stage, _, flavour = item.partition(":")
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage '{stage}' in chain; stages are: {', '.join(STAGES)}")
-        flavour = flavour or "fidelity"
-        if flavour not in FLAVOURS or (stage == "identity" and flavour != "fidelity"):
-            raise ValueError(f"unknown flavour '{flavour}' for stage '{stage}'; use '{stage}' or '{stage}:gan'")
-        refs.append(StepRef(stage, flavour))
-    if not refs:
-        raise ValueError("the chain is empty")
-    return refs
-
-
-def chain_geometry(refs: list[StepRef]) -> tuple[int, int, tuple[int, int]]:
-    """(scale, temporal factor, (frames before, frames after)) of context a chunk must decode.
-
-    Walk the chain backwards from the output, which needs no context: a windowed stage widens the need by its
-    radius; interpolation halves it (two output frames per input) and needs one more frame after, the first
-    frame of the next chunk, to make its last midpoint.
-    """
-    before = after = 0
-    for ref in reversed(refs):
-        info = STAGES[ref.stage]
-        if info.is_interp:
-            before, after = math.ceil(before / 2), math.ceil(after / 2) + 1
-        else:
-            before, after = before + info.radius, after + info.radius
-    scale = math.prod(STAGES[r.stage].scale for r in refs)
-    temporal = math.prod(STAGES[r.stage].temporal_factor for r in refs)
-    return scale, temporal, (before, after)
+STAGES: dict[str, StageInfo] = {name: StageInfo(**vars(geo), **_NETWORKS[name]) for name, geo in GEOMETRY.items()}
 
 
 @dataclass
@@ -244,8 +190,11 @@ class Chain:
 
     def _to_tensor(self, x: np.ndarray) -> torch.Tensor:
         scale = 255.0 if x.dtype == np.uint8 else 65535.0
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
-        return t.permute(0, 3, 1, 2).float().div_(scale)
+        with warnings.catch_warnings():
+            # frames from Ray's object store are read-only (zero copy); this tensor is only read: .float() copies
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(scale)
 
     @staticmethod
     def _to_numpy(y: torch.Tensor, dtype: np.dtype) -> np.ndarray:

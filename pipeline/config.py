@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.chain import parse_chain
+from models.geometry import parse_chain
 
 VERSION = "0.1.0"
 

@@ -20,13 +20,26 @@ from pipeline.stitch import stitch_video
 WORKER_BASE_BYTES = 256 * 2**20
 
 
+def start_local(num_cpus: int | None = None) -> None:
+    """Start a Ray instance on this machine for one job.
+
+    Ray keeps idle worker processes only while there are fewer workers than CPUs, and kills the others after a
+    second idle; a job's actors (the restore pool and Ray Data's own three) count, so on a small machine every
+    decode and encode task would start a fresh Python process: 11% of a 2-core machine's CPU in `reelmend
+    bench`. Idle workers are kept up to the CPUs plus room for those actors. (On a cluster the same setting is
+    `ray start --system-config='{"num_workers_soft_limit": N}'`; nodes with many CPUs per actor need none.)"""
+    cpus = num_cpus or os.cpu_count() or 1
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config={"num_workers_soft_limit": cpus + 8})
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ('auto', 'ray://host:10001', a GCS address) or start a local instance.
     An already-connected process (a test session, a `ray job submit` entrypoint) keeps its connection."""
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if address is None and "RAY_ADDRESS" not in os.environ:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            start_local()
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI

@@ -68,7 +68,9 @@ def ray_address(faults_file, s3):
     """A real local Ray instance shared by the session (starting one costs ~5 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from pipeline.run import start_local
+
+    start_local(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

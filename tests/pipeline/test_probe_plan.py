@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import ffmpeg, make_clip
 
-from models.chain import chain_geometry, parse_chain
+from models.geometry import chain_geometry, parse_chain
 from pipeline.config import JobSpec
 from pipeline.plan import plan_video
 from pipeline.probe import ProbeError, probe
