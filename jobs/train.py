@@ -32,7 +32,7 @@ from jobs.progress import Progress
 from jobs.train_config import TrainSpec
 from jobs.train_loop import build_generator, train_loop
 from models.chain import STAGES
-from models.weights import save_weights
+from models.weights import load_state, save_weights
 from pipeline import storage
 from pipeline.config import VERSION
 from pipeline.run import connect
@@ -56,6 +56,8 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     log = progress.log
     run_name = f"train-{spec.stage}"
     checkpoints = storage.join(spec.out, "checkpoints")
+    if spec.init:  # a missing or bad --init fails here, not minutes later in every worker
+        load_state(spec.init, spec.stage, "fidelity")
     check_resume(spec, checkpoints, run_name)
     connect(address)
 

@@ -7,9 +7,10 @@ can be resumed, and its weights explained, from what was written.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.chain import STAGES
 
@@ -68,6 +69,12 @@ class TrainSpec(Frozen):
     data_licence: str | None = None
     command: str = ""
     fail_at_step: int | None = Field(None, ge=1)  # fault drill: the last worker dies at this step (first try)
+
+    @field_validator("data", "out", "init")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Local paths are made absolute here, on the driver: Ray's workers run in other directories."""
+        return value if value is None or "://" in value else os.path.abspath(os.path.expanduser(value))
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:

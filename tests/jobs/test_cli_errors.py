@@ -54,12 +54,25 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         (["denoise", "--steps", "0"], "needs --init DIR"),
         (["denoise", "--resume"], "nothing to resume"),
         (["denoise", "--lr-schedule", "step"], "lr_schedule"),
+        (["denoise", "--init", str(tmp_path / "nowhere")], "no weights for stage 'denoise'"),
     ]
     for extra, message in cases:
         result = run("train", *extra, "--data", str(tmp_path), "--out", str(out))
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
         assert not out.exists()
+
+
+def test_train_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """Ray's workers run in other directories: a relative --data, --out or --init must not reach them."""
+    from jobs.train_config import TrainSpec
+
+    monkeypatch.chdir(tmp_path)
+    spec = TrainSpec(stage="denoise", data="clips", out="runs/a", init="weights")
+    assert (spec.data, spec.out, spec.init) == (str(tmp_path / "clips"), str(tmp_path / "runs/a"),
+                                                str(tmp_path / "weights"))
+    remote = TrainSpec(stage="denoise", data="s3://bucket/clips", out="s3://bucket/runs")
+    assert (remote.data, remote.out, remote.init) == ("s3://bucket/clips", "s3://bucket/runs", None)
 
 
 def test_bad_bench_commands_exit_2(tmp_path):
