@@ -210,12 +210,15 @@ def pipeline_run(src: Path, dest: Path, chain: str, chunk: int, actors: int, cpu
     done = sorted((e["time"], e["frames"]) for e in map(json.loads, events.getvalue().splitlines())
                   if e["event"] == "chunk" and e["status"] == "done")
     span = done[-1][0] - done[0][0]
+    steady = len(done) > 2 * actors and span > 0
     fps = round(result.frames_in / result.seconds, 3)
     return {"actors": actors, "threads_per_actor": 1, "seconds": round(result.seconds, 2),
             "frames": result.frames_in, "fps": fps,
             "first_chunk_s": round(done[0][0] - started, 2), "chunks": len(done),
-            # one chunk (or all at once) has no steady state: the whole job's rate stands for it
-            "steady_fps": round(sum(f for _, f in done[1:]) / span, 3) if span > 0 else fps,
+            # a batch of a few chunks per actor finishes them in a burst and has no steady state: the whole
+            # job's rate stands for it there
+            "steady_fps": round(sum(f for _, f in done[1:]) / span, 3) if steady else fps,
+            "steady_state": steady,
             "cpu": cpu.report(cpus)}
 
 

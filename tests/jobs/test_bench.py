@@ -29,3 +29,20 @@ def test_temporary_disk_counts_staging_folders(tmp_path):
     staging = dest / "_reelmend" / "job-1" / "segments" / ".staging-abc"
     make_clip(staging / "segment.mkv", frames=5)
     assert temp_bytes(dest) == (staging / "segment.mkv").stat().st_size
+
+
+def test_cpu_account_counts_a_child_process_cpu_time():
+    """A child that burns one CPU-second (by its own clock, so the machine's load does not matter) shows as
+    one second under its name; the sampling loses at most its last interval, and it sleeps through that."""
+    import subprocess
+    import sys
+
+    from jobs.bench import CpuAccount
+
+    burn = ("import time\nwhile time.process_time() < 1.0: pass\ntime.sleep(0.5)")
+    with CpuAccount(interval=0.05) as account:
+        subprocess.run([sys.executable, "-c", burn], check=True, timeout=120)
+    report = account.report(cpus=2)
+    child = max((v for k, v in report["seconds"].items() if k.startswith("python")), default=0.0)
+    assert 0.9 <= child <= 1.3, report
+    assert report["capacity_s"] >= 2 * 1.0 and 0.0 <= report["idle_share"] <= 1.0
