@@ -172,12 +172,23 @@ def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> d
 MOTION_CANDIDATES = 4
 
 
+# Windowed stages (descratch, denoise) learn to use their neighbour frames from footage that is mostly shot from a
+# tripod: half their patches follow a simulated camera pan instead, a window moving a random whole number of pixels
+# per frame, so the net must learn to tell a static neighbour from a moved one. The five-frame denoiser trained
+# without it averaged its neighbours regardless of motion (34.2 -> 29.6 dB on bikes.mp4 at sigma 5).
+PAN_PROBABILITY = 0.5
+PAN_MAX_SPEED = 8  # pixels per frame on each axis; the pool crop (twice the patch) leaves room for it
+
+
 def sample_pair(clip: np.ndarray, spec: TrainSpec, recipe, rng: np.random.Generator,
                 augment: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A random patch of a clean clip, flipped and rotated (the dihedral augmentations of EDSR), degraded."""
+    """A random patch of a clean clip (for windowed stages, half the time a panning one), flipped and rotated
+    (the dihedral augmentations of EDSR), degraded."""
     p = spec.patch
-    y, x = patch_origin(clip, p, spec, rng)
-    patch = clip[:, y:y + p, x:x + p]
+    patch = panned_patch(clip, p, rng) if STAGES[spec.stage].radius and rng.random() < PAN_PROBABILITY else None
+    if patch is None:
+        y, x = patch_origin(clip, p, spec, rng)
+        patch = clip[:, y:y + p, x:x + p]
     if augment:
         (patch,) = dihedral(rng, patch)
     return degrade.make_pair(np.ascontiguousarray(patch), recipe, rng, roundtrip=ffmpeg.codec_roundtrip)
@@ -199,6 +210,25 @@ def patch_origin(clip: np.ndarray, side: int, spec: TrainSpec, rng: np.random.Ge
     candidates = MOTION_CANDIDATES if STAGES[spec.stage].is_interp else 1
     origins = [tuple(int(rng.integers(0, d - side + 1)) for d in clip.shape[1:3]) for _ in range(candidates)]
     return max(origins, key=lambda o: motion(clip[:, o[0]:o[0] + side, o[1]:o[1] + side]))
+
+
+def panned_patch(clip: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A `side`-pixel window that moves (vy, vx) whole pixels per frame across the clip: a camera pan over the
+    scene, both directions and speeds up to PAN_MAX_SPEED drawn at random. None where the clip has no room."""
+    t, h, w = clip.shape[:3]
+    speeds = []
+    for d in (h, w):
+        fastest = min(PAN_MAX_SPEED, (d - side) // max(1, t - 1))
+        speeds.append(int(rng.integers(-fastest, fastest + 1)) if fastest > 0 else 0)
+    if not any(speeds):
+        return None
+    origin = []
+    for d, v in zip((h, w), speeds):
+        travel = abs(v) * (t - 1)
+        start = int(rng.integers(0, d - side - travel + 1))
+        origin.append(start if v >= 0 else start + travel)
+    (y, x), (vy, vx) = origin, speeds
+    return np.stack([clip[k, y + k * vy:y + k * vy + side, x + k * vx:x + k * vx + side] for k in range(t)])
 
 
 def dihedral(rng: np.random.Generator, *clips: np.ndarray) -> list[np.ndarray]:

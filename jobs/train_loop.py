@@ -35,7 +35,7 @@ from jobs import train_checkpoint
 from jobs.train_config import TrainSpec
 from models import losses
 from models.chain import STAGES, StageInfo
-from models.restorer_net import RestorerNet
+from models.restorer_net import RestorerNet, inflate
 from models.temporal_disc import TemporalDiscriminator
 from models.unet_disc import UNetDiscriminatorSN
 from models.weights import load_state
@@ -67,7 +67,10 @@ def train_loop(config: dict) -> None:
         dt.load_state_dict(state.module("dt"))
         fidelity_sd = state.module("g_fidelity")
     elif spec.init:
-        g.load_state_dict(load_state(spec.init, spec.stage, "fidelity")[0])
+        init = load_state(spec.init, spec.stage, "fidelity")[0]
+        if isinstance(g, RestorerNet):  # a single-frame net starts a windowed one (see restorer_net.inflate)
+            init = inflate(init, g.in_frames)
+        g.load_state_dict(init)
         fidelity_sd = {k: v.clone() for k, v in g.state_dict().items()} if spec.steps == 0 else None
     if start >= spec.steps and spec.gan_steps and fidelity_sd is None:
         if start > spec.steps:

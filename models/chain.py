@@ -45,7 +45,7 @@ class StageInfo(Geometry):
 
 _NETWORKS: dict[str, dict[str, Any]] = {
     "identity": {},
-    "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
+    "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 5}},
     "deblock": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
     "descratch": {"arch": RestorerNet, "default_args": {"in_frames": 3}},
     "sr2x": {"arch": CompactSR, "default_args": {"scale": 2}, "alternatives": (RRDBNet,)},
@@ -79,6 +79,10 @@ def build_step(ref: StepRef, weights: str | None) -> Step:
         detail = " ".join(str(err).split())[:300]
         raise WeightsError(f"weights for '{ref}' do not match {arch.__name__}{card.get('args')}: "
                            f"{detail}") from err
+    window = 2 * info.radius + 1
+    if isinstance(net, RestorerNet) and net.in_frames != window:
+        raise WeightsError(f"weights for '{ref}' read {net.in_frames} frame(s), but the stage gives each frame a "
+                           f"window of {window}; retrain them with this version (`reelmend train {ref.stage}`)")
     return Step(ref, info, net.eval())
 
 

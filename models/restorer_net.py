@@ -80,3 +80,20 @@ class RestorerNet(nn.Module):
         f = self.up(f) + f0           # full-resolution skip keeps fine detail
         res = self.conv_last(self.act(self.tail(f)))
         return centre + res[..., :h, :w]
+
+
+def inflate(state: dict[str, torch.Tensor], in_frames: int) -> dict[str, torch.Tensor]:
+    """A RestorerNet state for `in_frames` from one that reads fewer frames: the old head's weights go to the
+    centre frame's channels, zeros to the new neighbours', so the inflated net computes exactly what the old one
+    did and training starts from it (the inflation of 2-D filters into 3-D of I3D, Carreira and Zisserman,
+    CVPR 2017, with the new taps at zero rather than copies)."""
+    head = state["head.weight"]
+    old = head.shape[1] // 3
+    if old == in_frames:
+        return state
+    if old > in_frames or (in_frames - old) % 2:
+        raise ValueError(f"cannot inflate a {old}-frame RestorerNet to {in_frames} frames")
+    wide = head.new_zeros(head.shape[0], 3 * in_frames, *head.shape[2:])
+    first = 3 * ((in_frames - old) // 2)
+    wide[:, first:first + 3 * old] = head
+    return {**state, "head.weight": wide}

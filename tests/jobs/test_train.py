@@ -15,13 +15,15 @@ import shutil
 import fsspec
 import numpy as np
 import pytest
+import torch
 from conftest import ffmpeg
 
 from jobs.progress import Progress
 from jobs.train import run_training
 from jobs.train_config import TrainSpec
 from models.chain import load_chain
-from models.weights import read_card
+from models.restorer_net import RestorerNet
+from models.weights import read_card, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +143,22 @@ def test_deblock_from_pool_variants(ray_address, clean_data, tmp_path):
     card = read_card(str(out), "deblock", "fidelity")
     assert card["data"]["pool_variants"] == 2 and card["metrics"]["step"] == 2
     assert np.isfinite(card["metrics"]["val_psnr"])
+
+
+def test_a_windowed_stage_starts_from_single_frame_weights(ray_address, clean_data, tmp_path):
+    """--init with single-frame denoise weights (what shipped before denoise read five frames): the head is
+    inflated to the five-frame window, training runs, and the result runs in the chain."""
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    save_weights(RestorerNet(in_frames=1, features=8, blocks=2), str(init), "denoise", "fidelity",
+                 {"in_frames": 1, "features": 8, "blocks": 2}, {"command": "tests: a single-frame denoiser"})
+    out = tmp_path / "denoise"
+    run_training(spec(clean_data, out, stage="denoise", arch_args={"features": 8, "blocks": 2}, init=str(init),
+                      steps=1, gan_steps=0), log=lambda m: None)
+    card = read_card(str(out), "denoise", "fidelity")
+    assert card["args"]["in_frames"] == 5 and card["training"]["init"] == str(init)
+    frames = np.random.default_rng(3).integers(0, 256, (6, 24, 40, 3), dtype=np.uint8)
+    assert load_chain("denoise", str(out)).run(frames).shape == frames.shape
 
 
 def test_bad_train_specs_fail_before_any_work(tmp_path):

@@ -59,8 +59,8 @@ def test_generator_output_matches_its_targets_frame_for_frame(stage):
     if info.is_interp:  # the stacks differ only in the made frame
         assert torch.equal(real_stack[:, 0::2], fake_stack[:, 0::2])
         assert torch.equal(real_stack[:, 1], hq[:, 1])
-    if info.radius:  # descratch: the outputs are the frames that have a full window
-        assert torch.equal(real, hq[:, 1:4])
+    if info.radius:  # denoise, descratch: the outputs are the frames that have a full window
+        assert torch.equal(real, hq[:, info.radius:info.radius + 3])
 
 
 @pytest.mark.parametrize("stage", ["denoise", "descratch", "sr2x", "interp2x"])
@@ -108,14 +108,38 @@ def test_interpolation_patches_favour_motion():
 
     rng = np.random.default_rng(0)
     picks = {}
-    for stage in ("interp2x", "denoise"):
+    for stage in ("interp2x", "deblock"):
         spec = TrainSpec(stage=stage, data="d", out="o", patch=32)
         clip = np.full((spec.clip_frames, 64, 128, 3), 128, np.uint8)
         clip[:, :, :64] = rng.integers(0, 256, (spec.clip_frames, 64, 64, 3), dtype=np.uint8)  # new every frame
         pairs = [sample_pair(clip, spec, RECIPES["interp2x"], np.random.default_rng(i), augment=False)
                  for i in range(40)]  # the clean branch of interp2x's recipe: hq is the patch as cut
         picks[stage] = np.mean([motion(hq) > 0 for _, hq in pairs])
-    assert picks["interp2x"] > 0.9 > picks["denoise"] > 0.3
+    assert picks["interp2x"] > 0.9 > picks["deblock"] > 0.3
+
+
+def test_windowed_stages_train_on_camera_pans_too():
+    """About half the patches of a windowed stage (denoise) pan: each frame is the previous one moved by the same
+    whole-pixel step, so a static scene becomes one the net must align; single-frame stages never pan."""
+    from jobs.train_data import PAN_MAX_SPEED, sample_pair
+
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8), 7, axis=0)  # one frame, 7 times
+    for stage, lo, hi in (("denoise", 0.3, 0.7), ("deblock", 0, 0)):
+        spec = TrainSpec(stage=stage, data="d", out="o", patch=32)
+        speeds = []
+        for i in range(60):
+            _, hq = sample_pair(still[:spec.clip_frames], spec, RECIPES["interp2x"], np.random.default_rng(i),
+                                augment=False)
+            found = [(vy, vx) for vy in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1)
+                     for vx in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1)
+                     if all(np.array_equal(hq[k + 1][max(0, -vy):32 - max(0, vy), max(0, -vx):32 - max(0, vx)],
+                                           hq[k][max(0, vy):32 + min(0, vy), max(0, vx):32 + min(0, vx)])
+                            for k in range(len(hq) - 1))]
+            assert found, "every frame must be the previous one moved by one constant step"
+            speeds.append(found[0])
+        panned = np.mean([v != (0, 0) for v in speeds])
+        assert lo <= panned <= hi, (stage, panned)
 
 
 def test_pool_variant_patches_stay_aligned_with_their_targets():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.compact_sr import CompactSR
 from models.flow_interp import FlowInterp, backward_warp
-from models.restorer_net import RestorerNet
+from models.restorer_net import RestorerNet, inflate
 
 SIZES = [(37, 21), (64, 48), (1, 1), (16, 9)]
 CUDA = torch.cuda.is_available()
@@ -76,6 +76,26 @@ def test_restorer_perturbed_and_grads(in_frames):
 def test_restorer_bad_args(kwargs):
     with pytest.raises(ValueError):
         RestorerNet(**kwargs)
+
+
+def test_inflated_restorer_computes_what_the_single_frame_one_did():
+    """`inflate` turns a one-frame RestorerNet into a five-frame one that starts as the same function of the
+    centre frame (how `reelmend train --init` starts a windowed stage from single-frame weights)."""
+    torch.manual_seed(0)
+    one = RestorerNet(in_frames=1, features=8, blocks=2)
+    with torch.no_grad():
+        for p in one.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    five = RestorerNet(in_frames=5, features=8, blocks=2)
+    five.load_state_dict(inflate(one.state_dict(), 5))
+    x = torch.rand(2, 5, 3, 19, 24)
+    assert torch.allclose(five(x), one(x[:, 2:3]), atol=1e-5)
+    assert not torch.allclose(five(x), x[:, 2])  # not trivially the identity
+    assert inflate(five.state_dict(), 5) is not None
+    with pytest.raises(ValueError, match="cannot inflate"):
+        inflate(five.state_dict(), 3)
+    with pytest.raises(ValueError, match="cannot inflate"):
+        inflate(one.state_dict(), 4)
 
 
 def test_restorer_bad_input():
