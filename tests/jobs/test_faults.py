@@ -80,13 +80,13 @@ def test_a_worker_process_that_dies_mid_chunk_is_replaced(tmp_path, ray_address,
 def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path, ray_address, inject):
     src = tmp_path / "in"
     make_clip(src / "clip.mkv", size="96x64", frames=20, extra=("-c:v", "ffv1"))
-    weights = write_tiny_weights(tmp_path / "weights", "denoise", perturb=0.05)
-    args = ["--chain", "denoise", "--models", str(weights), "--lossless", "--chunk-frames", "10"]
+    weights = write_tiny_weights(tmp_path / "weights", "deblock", perturb=0.05)
+    args = ["--chain", "deblock", "--models", str(weights), "--lossless", "--chunk-frames", "10"]
     reference = tmp_path / "reference"
     assert cli("restore", str(src), str(reference), *args).exit_code == 0
 
-    # one 96x64 frame (6,144 pixels) fits under the limit, a batch of two does not: the chunks succeed once
-    # the stage has come down to one frame per forward
+    # one 96x64 frame (6,144 pixels; deblock reads no neighbours) fits under the limit, a batch of two does not:
+    # the chunks succeed once the stage has come down to one frame per forward
     inject([{"stage": "restore", "kind": "memory", "max_pixels": 7000}])
     dest = tmp_path / "out"
     result = cli("restore", str(src), str(dest), *args)
