@@ -91,7 +91,8 @@ def test_inflated_restorer_computes_what_the_single_frame_one_did():
     x = torch.rand(2, 5, 3, 19, 24)
     assert torch.allclose(five(x), one(x[:, 2:3]), atol=1e-5)
     assert not torch.allclose(five(x), x[:, 2])  # not trivially the identity
-    assert inflate(five.state_dict(), 5) is not None
+    state = five.state_dict()
+    assert inflate(state, 5) is state  # already that wide: nothing to do
     with pytest.raises(ValueError, match="cannot inflate"):
         inflate(five.state_dict(), 3)
     with pytest.raises(ValueError, match="cannot inflate"):
