@@ -10,6 +10,10 @@ files. The first to take the lease proceeds; the second stops at once with a mes
   driver and is taken over; a driver that finds its lease taken over stops at its next check (`Lease.check`
   between waves). Expiry compares the holder's clock with the reader's, so clocks must agree to well under
   TTL (NTP does). A driver killed without releasing its lease blocks a new run for up to TTL seconds.
+  On S3, renewals and takeovers are conditional PUTs on the ETag last seen (`If-Match`): a renewal never
+  overwrites a takeover, and of two drivers taking over the same expired lease exactly one wins. Other object
+  stores (no ETag condition through fsspec) take over by delete-then-create and renew by read-then-write,
+  which two drivers acting within the same moment can interleave.
 """
 
 from __future__ import annotations
@@ -99,35 +103,30 @@ def _hold_local(root: str, path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _hold_object(root: str, uri: str, lease: Lease) -> Iterator[None]:
     me = _holder()
-    if not storage.create_exclusive(uri, json.dumps(me).encode()):
-        holder = json.loads(storage.read_bytes(uri))
-        if holder.get("token") == me["token"]:
-            pass  # our own create, retried after its response was lost
-        elif time.time() - holder.get("renewed_at", 0) < TTL:
-            raise LeaseHeld(_held_message(root, holder))
-        else:
-            storage.remove(uri)  # expired: its driver died without releasing it
-            if not storage.create_exclusive(uri, json.dumps(me).encode()):
-                holder = json.loads(storage.read_bytes(uri))
-                if holder.get("token") != me["token"]:
-                    raise LeaseHeld(_held_message(root, holder))
+    acquired = _acquire(root, uri, me)
     stop = threading.Event()
 
     def renew() -> None:
+        etag = acquired
         while not stop.wait(TTL / 4):
+            data = json.dumps({**me, "renewed_at": time.time()}).encode()
             try:
-                holder = json.loads(storage.read_bytes(uri))
+                if etag is not None:  # S3: only over our own last write, so a takeover since then is never lost
+                    new = storage.replace_if_match(uri, data, etag)
+                    # refused: taken over, or our own write landed and only its response was lost (and the retry
+                    # then failed its condition), which our token in the object tells apart
+                    ours, etag = (True, new) if new is not None else _ours(uri, me)
+                else:
+                    # No ETag condition (object stores other than S3): read, then write. A takeover between the
+                    # two is overwritten here, and then finds its own lease gone at its next renewal, and stops.
+                    ours, _ = _ours(uri, me)
+                    if ours and not stop.is_set():
+                        storage.write_bytes(uri, data)
             except Exception:  # noqa: BLE001 - a missed renewal is retried; TTL allows three
                 continue
-            if holder.get("token") != me["token"]:
+            if not ours:
                 lease.lost.set()  # expired and taken over: the driver stops at its next check
                 return
-            # Read-then-write is not atomic: a takeover between the two is overwritten here, and then finds
-            # its own lease gone at its next renewal, and stops. (A conditional PUT on the object's ETag
-            # would close this window; s3fs does not expose If-Match.)
-            with contextlib.suppress(Exception):
-                if not stop.is_set():
-                    storage.write_bytes(uri, json.dumps({**me, "renewed_at": time.time()}).encode())
 
     thread = threading.Thread(target=renew, daemon=True, name="reelmend-lease")
     thread.start()
@@ -137,5 +136,40 @@ def _hold_object(root: str, uri: str, lease: Lease) -> Iterator[None]:
         stop.set()
         thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            if json.loads(storage.read_bytes(uri)).get("token") == me["token"]:
+            if _ours(uri, me)[0]:
                 storage.remove(uri)
+
+
+def _acquire(root: str, uri: str, me: dict) -> str | None:
+    """Create the lease object, or take over an expired one; the ETag of our write (None off S3)."""
+    data = json.dumps(me).encode()
+    while True:  # each pass after the first follows another driver's write, and a fresh lease ends the loop
+        if storage.create_exclusive(uri, data):
+            return storage.read_with_etag(uri)[1]
+        try:
+            raw, etag = storage.read_with_etag(uri)
+        except FileNotFoundError:
+            continue  # released between our create and this read: create it again
+        holder = json.loads(raw)
+        if holder.get("token") == me["token"]:
+            return etag  # our own write, retried after its response was lost
+        if time.time() - holder.get("renewed_at", 0) < TTL:
+            raise LeaseHeld(_held_message(root, holder))
+        # Expired: its driver died without releasing it.
+        if etag is not None:
+            # S3: replace exactly the expired version we read. Of two drivers taking it over at once one wins;
+            # the other's PUT fails (412) and its next pass finds the winner's fresh lease.
+            new = storage.replace_if_match(uri, data, etag)
+            if new is not None:
+                return new
+        else:
+            # No ETag condition (object stores other than S3): delete, then create. Two drivers can both find it
+            # expired, and the second's delete removes the first's fresh lease; the first's next renewal then
+            # finds the second's lease there, and the first stops.
+            storage.remove(uri)
+
+
+def _ours(uri: str, me: dict) -> tuple[bool, str | None]:
+    """Whether the lease object holds our token, and its ETag (None off S3)."""
+    raw, etag = storage.read_with_etag(uri)
+    return json.loads(raw).get("token") == me["token"], etag

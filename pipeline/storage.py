@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
+import fsspec.asyn
 import fsspec.config
 from fsspec.implementations.local import LocalFileSystem
 
@@ -192,10 +193,65 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     except FileExistsError:
         return False
     except OSError as err:  # a store that answers 412 without naming the condition (s3fs then says EINVAL)
-        if "PreconditionFailed" in str(err) or "412" in str(err):
+        if _precondition_failed(err) or "PreconditionFailed" in str(err) or "412" in str(err):
             return False
         raise
     return True
+
+
+@retrying
+def read_with_etag(uri: str) -> tuple[bytes, str | None]:
+    """A small object and the ETag it was read at, for `replace_if_match`. The ETag is None where writes cannot
+    be made conditional on it here: local files and object stores other than S3."""
+    fs, path = fs_and_path(uri)
+    if not _is_s3(fs):
+        with fs.open(path, "rb") as f:
+            return f.read(), None
+    bucket, key, _ = fs.split_path(path)
+    return fsspec.asyn.sync(fs.loop, _get_object, fs, bucket, key)
+
+
+async def _get_object(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    # One GET, so the bytes and the ETag are of the same version (a HEAD, then a GET, could straddle a write).
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    try:
+        return await response["Body"].read(), response["ETag"]
+    finally:
+        response["Body"].close()
+
+
+@retrying
+def replace_if_match(uri: str, data: bytes, etag: str) -> str | None:
+    """Write a small object over the version whose ETag is `etag`; the new ETag, or None when the object has
+    changed or gone since. S3 only: a conditional PUT (If-Match: etag), so of two writers holding the same ETag
+    exactly one succeeds (https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-requests.html)."""
+    fs, path = fs_and_path(uri)
+    if not _is_s3(fs):
+        raise ValueError(f"{uri}: conditional writes on an ETag need S3 (read_with_etag gave no ETag)")
+    bucket, key, _ = fs.split_path(path)
+    try:
+        response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+    except FileNotFoundError:  # S3 answers 404, not 412, when nothing is left to match
+        return None
+    except OSError as err:
+        if _precondition_failed(err):
+            return None
+        raise  # 409 ConditionalRequestConflict (a concurrent write) comes as EIO, retried: the retry gets 412 or wins
+    finally:
+        fs.invalidate_cache(path)  # s3fs's cached listing of the folder no longer holds this object's details
+    return response["ETag"]
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    from s3fs import S3FileSystem  # imported on use: a run on local files need not load botocore
+
+    return isinstance(fs, S3FileSystem)
+
+
+def _precondition_failed(err: OSError) -> bool:
+    """Whether the store answered 412: s3fs makes it a bare EINVAL, with botocore's error as its cause."""
+    response = getattr(err.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "PreconditionFailed"
 
 
 def _hidden_tmp(path: str) -> str:
