@@ -59,6 +59,10 @@ class Manifest:
         self.job_id = job_id
         self.root = job_root(dest, job_id)
         self.segments_root = storage.join(self.root, "segments")
+        # chunk_states' fold of the event parts read so far (see there)
+        self._states: dict[tuple[str, int], ChunkState] = {}
+        self._folded: set[str] = set()
+        self._last_folded = ""
 
     # -- job.json and plan/ (written once) --------------------------------------------------------------
 
@@ -95,22 +99,39 @@ class Manifest:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_bytes(storage.join(self.root, "events", name), _parquet_bytes(table))
 
-    def read_events(self) -> pa.Table:
+    def _event_parts(self) -> list[str]:
+        """Names of the committed event parts, in commit order (their names sort by commit time)."""
         folder = storage.join(self.root, "events")
-        parts = [n for n in storage.ls(folder) if n.startswith("part-") and n.endswith(".parquet")]
-        tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, n)))) for n in parts]
+        return sorted(n for n in storage.ls(folder) if n.startswith("part-") and n.endswith(".parquet"))
+
+    def _read_part(self, name: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.root, "events", name))))
+
+    def read_events(self) -> pa.Table:
+        tables = [self._read_part(n) for n in self._event_parts()]
         return pa.concat_tables(tables) if tables else EVENTS.empty_table()
 
     def chunk_states(self) -> dict[tuple[str, int], ChunkState]:
-        """The latest state of every (video_id, chunk_index) that has events, with its failure count."""
-        states: dict[tuple[str, int], ChunkState] = {}
-        for e in self.read_events().to_pylist():
-            key = (e["video_id"], e["chunk_index"])
-            prev = states.get(key)
-            failures = (prev.failures if prev else 0) + (e["status"] == "failed")
-            states[key] = ChunkState(e["status"], failures, e["error_kind"] or "", e["error_message"] or "",
-                                     e["frames_out"] or 0, e["segment_uri"] or "")
-        return states
+        """The latest state of every (video_id, chunk_index) that has events, with its failure count.
+
+        Folded incrementally: the driver asks at every wave, and re-reading every part each time would cost a
+        long job time quadratic in its length (52 us an event from local disk), so only the parts committed
+        since the last call are read. A new part that sorts before one already folded (a clock stepped back)
+        makes it fold them all again, so the states are always those of the parts in commit order."""
+        parts = self._event_parts()
+        new = [n for n in parts if n not in self._folded]
+        if new and new[0] < self._last_folded:
+            self._states, self._folded, new = {}, set(), parts
+        for name in new:
+            for e in self._read_part(name).to_pylist():
+                key = (e["video_id"], e["chunk_index"])
+                prev = self._states.get(key)
+                failures = (prev.failures if prev else 0) + (e["status"] == "failed")
+                self._states[key] = ChunkState(e["status"], failures, e["error_kind"] or "", e["error_message"] or "",
+                                               e["frames_out"] or 0, e["segment_uri"] or "")
+            self._folded.add(name)
+            self._last_folded = max(self._last_folded, name)
+        return dict(self._states)
 
 
 class EventWriter:
