@@ -172,25 +172,20 @@ def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> d
 MOTION_CANDIDATES = 4
 
 
-# Stages that read neighbour frames (denoise, descratch, interp2x) learn to use them from footage that is mostly
-# shot from a tripod: half their patches follow a simulated camera pan instead, a window moving a random whole
-# number of pixels per frame, so the net must learn to tell a static neighbour from a moved one, and where it
-# went. The five-frame denoiser trained without it averaged its neighbours regardless of motion (34.2 -> 29.6 dB
-# on bikes.mp4 at sigma 5). For interpolation a whole-pixel pan also gives an exact midpoint: the window moved by
-# v between frames 0 and 1 and by v again to frame 2, motion over the whole patch where real footage has it in a
-# corner.
+# Windowed stages (descratch, denoise) learn to use their neighbour frames from footage that is mostly shot from a
+# tripod: half their patches follow a simulated camera pan instead, a window moving a random whole number of pixels
+# per frame, so the net must learn to tell a static neighbour from a moved one. The five-frame denoiser trained
+# without it averaged its neighbours regardless of motion (34.2 -> 29.6 dB on bikes.mp4 at sigma 5).
 PAN_PROBABILITY = 0.5
 PAN_MAX_SPEED = 8  # pixels per frame on each axis; the pool crop (twice the patch) leaves room for it
 
 
 def sample_pair(clip: np.ndarray, spec: TrainSpec, recipe, rng: np.random.Generator,
                 augment: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A random patch of a clean clip (for stages that read neighbours, half the time a panning one), flipped and
-    rotated (the dihedral augmentations of EDSR), degraded."""
+    """A random patch of a clean clip (for windowed stages, half the time a panning one), flipped and rotated
+    (the dihedral augmentations of EDSR), degraded."""
     p = spec.patch
-    info = STAGES[spec.stage]
-    pans = (info.radius > 0 or info.is_interp) and rng.random() < PAN_PROBABILITY
-    patch = panned_patch(clip, p, rng) if pans else None
+    patch = panned_patch(clip, p, rng) if STAGES[spec.stage].radius and rng.random() < PAN_PROBABILITY else None
     if patch is None:
         y, x = patch_origin(clip, p, spec, rng)
         patch = clip[:, y:y + p, x:x + p]
