@@ -63,13 +63,22 @@ def _last_lines(stderr: bytes, n: int = 2) -> str:
 
 
 def input_args(src: str) -> list[str]:
-    """Options for reading `src`: over HTTP (a presigned object URL), reconnect on dropped connections and
-    5xx answers with backoff for up to a minute, as reelmend's storage calls retry, instead of failing the
-    chunk on the first throttled range request."""
-    if not src.startswith(("http://", "https://")):
-        return []
-    return ["-reconnect", "1", "-reconnect_on_network_error", "1", "-reconnect_on_http_error", "5xx",
-            "-reconnect_delay_max", "60"]
+    """Options for reading `src`, the same for every ffprobe and FFmpeg call on a source.
+
+    `-fflags +genpts`: where the container stores decode times only (AVI, whose anchor frames in a stream with
+    B-frames have no presentation time; MPEG-PS), the demuxer derives the missing presentation times from the
+    decode times and the codec's reordering, so the probe, the packet windows and the decoder all see the frames
+    at the same times and chunks are cut by them (without it, every chunk of such an AVI after the first came
+    out one frame early). Streams that carry presentation times are untouched.
+
+    Over HTTP (a presigned object URL): reconnect on dropped connections and 5xx answers with backoff for up to
+    a minute, as reelmend's storage calls retry, instead of failing the chunk on the first throttled range
+    request."""
+    args = ["-fflags", "+genpts"]
+    if src.startswith(("http://", "https://")):
+        args += ["-reconnect", "1", "-reconnect_on_network_error", "1", "-reconnect_on_http_error", "5xx",
+                 "-reconnect_delay_max", "60"]
+    return args
 
 
 def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,
@@ -166,29 +175,78 @@ def packet_times(src: str, stream_index: int, timeout: float) -> tuple[list[floa
 # Frames a decoder may hold back to reorder them (H.264 and HEVC allow up to 16): a packet read later can
 # still be presented earlier than the last ones read, by at most this many frames.
 REORDER = 16
+# MPEG program streams (DVD .vob, .mpg): FFmpeg seeks in them by scanning for timestamps, not by an index, and
+# can land up to a GOP late (a DVD GOP is at most 18 frames); decoding two seconds more costs little.
+PROGRAM_STREAMS = {"mpeg", "vob"}
+PS_SEEK_BACK = 2.0
 
 
 @dataclass(frozen=True)
 class Window:
-    """How to decode one chunk, in seconds on the decode's timeline (0 at `seek`, or at the file's start)."""
+    """How to decode one chunk, in seconds on the decode's timeline (0 at `seek`, or at the file's start; with
+    `copyts`, the stream's own timestamps)."""
 
     seek: float | None  # -ss: at the last keyframe at or before the chunk's first frame; None: from the start
     start: float | None  # frames before this are dropped (decoded only as references); None: see chunk_window
     end: float | None  # halfway past the chunk's last frame; None: the chunk ends with the stream
+    copyts: bool = False  # cut by the stream's own timestamps (-copyts)
+    skip: int | None = None  # AVI: cut by counting frames instead, dropping this many from the keyframe's
 
 
-def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Window | None:
+# FFmpeg's -ss in a container that seeks by decode time, with a stream that has B-frames, seeks this much
+# earlier than asked (fftools: "rough guess", 3/23 s).
+SEEK_EARLY = 3 / 23
+
+
+def _avi_window(frames: list[tuple], first_pts: float, base: float, frame: int) -> Window | None:
+    """AVI stores no presentation times, only each frame's number (its decode time is number / rate), and with
+    B-frames the demuxer's guesses at presentation times (genpts) are wrong wherever the codec reorders more
+    than it assumes (H.264 in AVI came out a frame early). AVI's GOPs are closed, though (Xvid, DivX and x264
+    write them so), or open only by the B-frames just after a keyframe, shown before it, which the demuxer's
+    guess does account for (MPEG-4 ASP): a keyframe is shown at the number its guessed time says, and after a
+    seek to it the decoder drops those B-frames (their reference before it is missing). So seek to exactly
+    that keyframe and cut by counting frames, from it to `frame` (the chunk's first, by number). None when no
+    keyframe read can be landed on exactly."""
+    dts = sorted({at for _, at, _ in frames})
+    step = min((b - a for a, b in zip(dts, dts[1:])), default=1 / 25)
+    shown = {at: t for t, at, key in frames if key}
+    keys = sorted(shown)
+    for i in range(len(keys) - 1, -1, -1):
+        at = keys[i]
+        number = round((shown[at] - first_pts) / step)
+        if number > frame:
+            continue
+        if number == 0:
+            return Window(seek=None, start=None, end=None, skip=frame)
+        # -ss lands on the last keyframe at or before the time asked for, less SEEK_EARLY where FFmpeg thinks
+        # the stream has B-frames: ask for a time that lands on this keyframe either way.
+        if i + 1 < len(keys) and keys[i + 1] - at <= SEEK_EARLY + 2e-3:
+            continue  # the next keyframe is too close to tell apart: take an earlier one
+        return Window(seek=at - base + SEEK_EARLY + 1e-3, start=None, end=None, skip=frame - number)
+    return None
+
+
+def _first_pts(src: str, stream_index: int) -> float:
+    """The (demuxer-guessed) presentation time of the stream's first packet, frame 0's."""
+    args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index), "-read_intervals",
+            "%+#1", "-show_entries", "packet=pts_time", "-of", "csv=p=0", src]
+    out = run(args, timeout=30.0, what="ffprobe could not read the packets").decode().split()
+    return float(out[0]) if out and out[0] not in ("", "N/A") else 0.0
+
+
+def chunk_window(src: str, stream_index: int, seek: float, n_frames: int, frame: int | None = None) -> Window | None:
     """Where the chunk of `n_frames` frames from the first frame at or after `seek` (seconds from the file's
     start) lies, from the packets around it. None when the stream has no timestamps (raw elementary streams
-    such as .h264 or .m2v, which FFmpeg cannot seek in). Where some packets carry a decode time only (AVI,
-    MPEG-PS), their frames' presentation times are FFmpeg's guesses, nothing to cut by: the window is then
-    `seek` itself with no cuts, and FFmpeg's accurate seek and a frame count do the cutting.
+    such as .h264 or .m2v, which FFmpeg cannot seek in). Packets that carry a decode time only (AVI, MPEG-PS)
+    get presentation times from the demuxer (`input_args`: -fflags +genpts); where some still have none, the
+    window is `seek` itself with no cuts, and FFmpeg's accurate seek and a frame count do the cutting.
 
     FFmpeg's -ss alone is not enough: in MPEG-TS/PS it lands on whatever packet is nearest, not on a keyframe,
     and the decoder then skips to the next keyframe; and a packet the decoder rejects (damage) yields no
     frame. Either way `-frames:v N` would quietly fill the chunk with the frames after it. Seeking to a
     keyframe found here and cutting at the chunk's end by timestamp makes such a chunk come out short instead,
-    which fails loudly."""
+    which fails loudly. MPEG-PS seeks by scanning for timestamps and can land a GOP past the keyframe asked
+    for: there the seek goes `PS_SEEK_BACK` seconds earlier, and the cut by timestamp drops the extra frames."""
     back = 2.0  # look for the keyframe from this many seconds before `seek`
     count = int(back * 60) + n_frames + 1 + REORDER  # packets to read: those seconds at up to 60 fps, the chunk
     while True:
@@ -196,7 +254,8 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
         # "+T" is relative to the file's start, as -ss is; "%+#N" reads N packets of the stream from there.
         interval = (f"+{origin:.6f}" if origin > 0 else "") + f"%+#{count}"
         args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index),
-                "-read_intervals", interval, "-show_entries", "packet=pts_time,dts_time,flags:format=start_time",
+                "-read_intervals", interval, "-show_entries",
+                "packet=pts_time,dts_time,flags:format=start_time,format_name",
                 "-of", "json", src]
         try:
             meta = json.loads(run(args, timeout=work_timeout(count, 1, 1000.0),  # 1 ms a packet
@@ -215,6 +274,12 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
             frames.append((pts, dts if dts is not None else pts, "K" in p.get("flags", "")))
         if not frames or all(t is None and at is None for t, at, _ in frames):
             return None
+        if (meta.get("format") or {}).get("format_name") == "avi" and frame is not None:
+            window = _avi_window(frames, _first_pts(src, stream_index), base, frame)
+            if window is not None or origin == 0:
+                return window or Window(seek=None, start=None, end=None, skip=frame)
+            back, count = back * 4, count * 4  # no keyframe to land on exactly in what was read: further back
+            continue
         if any(t is None for t, _, _ in frames):
             return Window(seek=seek or None, start=None, end=None)
         times = sorted(t for t, _, _ in frames)
@@ -237,19 +302,28 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
         # Seek to the keyframe's decode time (MPEG-TS seeks by decode time: its presentation time can lie past
         # the packets that follow it), 1 us past the printed value so that rounding never lands a GOP early.
         at = max(keys)[1] - base + 1e-6 if seek > 0 and keys else 0.0
-        zero = max(at, 0.0)  # the decode's timeline starts at the seek point
+        if at < 1e-3:
+            at = 0.0  # the first keyframe: decode from the start (a seek to it in an AVI with B-frames misorders)
         # cut halfway to the frame before (frames of an earlier GOP may come out of a seek that lands early)
         before = [t for t in times if t < first]
-        start = ((before[-1] + first) / 2 if before else first - 1e-3) - base - zero
-        end = (after[n_frames - 1] + after[n_frames]) / 2 - base - zero if len(after) > n_frames else None
-        return Window(seek=zero or None, start=start, end=end)
+        start = (before[-1] + first) / 2 if before else first - 1e-3
+        end = (after[n_frames - 1] + after[n_frames]) / 2 if len(after) > n_frames else None
+        if (meta.get("format") or {}).get("format_name") in PROGRAM_STREAMS:
+            # Seek early and cut by the stream's own timestamps: where a program-stream seek lands, and so where
+            # FFmpeg's timeline starts, is not exact.
+            at = max(0.0, at - PS_SEEK_BACK) if at > 0 else 0.0
+            return Window(seek=at or None, start=start, end=end, copyts=True)
+        zero = max(at, 0.0)  # the decode's timeline starts at the seek point
+        return Window(seek=zero or None, start=start - base - zero,
+                      end=None if end is None else end - base - zero)
 
 
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
-                  high_depth: bool, matrix: str, full_range: bool | None) -> np.ndarray:
+                  high_depth: bool, matrix: str, full_range: bool | None, frame: int | None = None) -> np.ndarray:
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
-    and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp. A frame that
+    and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by number:
+    `frame`, the first frame's number, is then needed). A frame that
     cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes its place.
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
@@ -257,13 +331,19 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
     seek = seek if seek is not None and seek > 0 else 0.0
-    window = chunk_window(src, stream_index, seek, n_frames)
+    window = chunk_window(src, stream_index, seek, n_frames, frame)
     frames_before = 0
     args = [*BASE, "-noautorotate"]
     cut = ""
     if window is None:  # no timestamps, no seeking: decode from the start and drop the frames before `seek`
         args += [*input_args(src), "-i", src] + (["-ss", f"{seek:.6f}"] if seek else [])
         frames_before = int(seek * 240)  # a bound for the timeout: 240 fps at most
+    elif window.skip is not None:  # AVI: land on the keyframe, then count frames
+        if window.seek is not None:
+            args += ["-noaccurate_seek", "-ss", f"{window.seek:.6f}"]
+        args += [*input_args(src), "-i", src]
+        cut = f"trim=start_frame={window.skip},"
+        frames_before = window.skip
     elif window.start is None:  # presentation times unknown: FFmpeg seeks and cuts at `seek` by its guesses
         args += (["-ss", f"{seek:.6f}"] if seek else []) + [*input_args(src), "-i", src]
     else:
@@ -271,8 +351,12 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
             # -noaccurate_seek: FFmpeg's own cut at the seek point would drop the keyframe's frame when the
             # printed time rounds up past it; the trim below does the cutting.
             args += ["-noaccurate_seek", "-ss", f"{window.seek:.6f}"]
-        args += [*input_args(src), "-i", src]
-        cut = f"trim=start={window.start:.6f}" + (f":end={window.end:.6f}" if window.end is not None else "") + ","
+        args += [*input_args(src), "-i", src] + (["-copyts"] if window.copyts else [])
+        # settb=AVTB first: trim rounds its times to the stream's time base, and where that is the frame
+        # duration (AVI: 1/25) a cut halfway between two frames rounds onto one of them; in microseconds it
+        # falls between them.
+        cut = (f"settb=AVTB,trim=start={window.start:.6f}" + (f":end={window.end:.6f}" if window.end is not None
+                                                               else "") + ",")
     args += ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
              "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
              "-pix_fmt", pix_fmt, "-f", "rawvideo", "pipe:1"]

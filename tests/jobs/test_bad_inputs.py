@@ -43,6 +43,10 @@ RESTORED = {
     "interlaced.mkv": "interlaced.mkv",
     "broadcast.ts": "broadcast.mkv",  # MPEG-TS seeks land between keyframes: chunks must still be exact
     "raw.h264": "raw.mkv",  # an elementary stream: no timestamps, no seeking
+    # AVI stores decode times only: with B-frames every chunk after the first came out a frame or two early
+    "xvid b-frames.avi": "xvid b-frames.mkv",  # MPEG-4 ASP, open GOPs (leading B-frames after each keyframe)
+    "h264 b-frames.avi": "h264 b-frames.mkv",  # x264's B-pyramid reorders more than FFmpeg's guess assumes
+    "dvd.vob": "dvd.mkv",  # MPEG-PS seeks by scanning, landing up to a GOP late: its last chunk came out short
     "damaged cluster.mkv": "damaged cluster.mkv",  # frames lost to container damage: restored as it now reads
     "with spaces.mkv": "with spaces.mkv",
     "ünïcødé 映像.mkv": "ünïcødé 映像.mkv",
@@ -144,6 +148,11 @@ def build_corpus(src: Path, work: Path) -> None:
     make_clip(src / "interlaced.mkv", frames=20, extra=(*x264, "-flags", "+ilme+ildct", "-top", "1"))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", "20", *x264, "-f", "h264",
            str(src / "raw.h264"))
+    for name, codec in (("xvid b-frames.avi", ("-c:v", "mpeg4", "-bf", "2", "-q:v", "4")),
+                        ("h264 b-frames.avi", (*x264, "-bf", "3")),
+                        ("dvd.vob", ("-c:v", "mpeg2video", "-bf", "2", "-q:v", "4", "-f", "vob"))):
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", "40", *codec, "-g", "12",
+               str(src / name))
     cluster = bytearray(make_clip(work / "damaged.mkv", size="160x96", frames=30, extra=(*x264, "-g", "10"))
                         .read_bytes())
     mid = len(cluster) // 2
