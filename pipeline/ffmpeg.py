@@ -190,51 +190,46 @@ class Window:
     start: float | None  # frames before this are dropped (decoded only as references); None: see chunk_window
     end: float | None  # halfway past the chunk's last frame; None: the chunk ends with the stream
     copyts: bool = False  # cut by the stream's own timestamps (-copyts)
-    skip: int | None = None  # AVI: cut by counting frames instead, dropping this many from the keyframe's
+    skip: int | None = None  # AVI: cut by counting frames instead, dropping this many from the keyframe's on
 
 
-# FFmpeg's -ss in a container that seeks by decode time, with a stream that has B-frames, seeks this much
-# earlier than asked (fftools: "rough guess", 3/23 s).
+# FFmpeg's -ss in a container that seeks by decode time, where any stream has B-frames (a reorder delay), seeks
+# this much earlier than asked (fftools: a "rough guess", 3/23 s).
 SEEK_EARLY = 3 / 23
 
 
-def _avi_window(frames: list[tuple], first_pts: float, base: float, frame: int) -> Window | None:
-    """AVI stores no presentation times, only each frame's number (its decode time is number / rate), and with
-    B-frames the demuxer's guesses at presentation times (genpts) are wrong wherever the codec reorders more
-    than it assumes (H.264 in AVI came out a frame early). AVI's GOPs are closed, though (Xvid, DivX and x264
-    write them so), or open only by the B-frames just after a keyframe, shown before it, which the demuxer's
-    guess does account for (MPEG-4 ASP): a keyframe is shown at the number its guessed time says, and after a
-    seek to it the decoder drops those B-frames (their reference before it is missing). So seek to exactly
-    that keyframe and cut by counting frames, from it to `frame` (the chunk's first, by number). None when no
-    keyframe read can be landed on exactly."""
-    dts = sorted({at for _, at, _ in frames})
-    step = min((b - a for a, b in zip(dts, dts[1:])), default=1 / 25)
-    shown = {at: t for t, at, key in frames if key}
-    keys = sorted(shown)
-    for i in range(len(keys) - 1, -1, -1):
-        at = keys[i]
-        number = round((shown[at] - first_pts) / step)
-        if number > frame:
-            continue
-        if number == 0:
-            return Window(seek=None, start=None, end=None, skip=frame)
-        # -ss lands on the last keyframe at or before the time asked for, less SEEK_EARLY where FFmpeg thinks
-        # the stream has B-frames: ask for a time that lands on this keyframe either way.
-        if i + 1 < len(keys) and keys[i + 1] - at <= SEEK_EARLY + 2e-3:
-            continue  # the next keyframe is too close to tell apart: take an earlier one
-        return Window(seek=at - base + SEEK_EARLY + 1e-3, start=None, end=None, skip=frame - number)
-    return None
+def _avi_window(src: str, times: list[float], keys: list[tuple[float, float]], first: float, base: float,
+                at: float) -> Window:
+    """AVI stores no presentation times, only each frame's number (its decode time is number / rate). With
+    B-frames the demuxer's guesses at presentation times (genpts) rank the frames right, but the decoder's
+    output times do not follow them wherever the codec reorders more than the guess assumes (H.264 in AVI
+    came out a frame early when cut by time). So cut by counting frames instead: land exactly on the keyframe,
+    and drop the frames shown from it up to the chunk's first. That holds where a keyframe is shown before every
+    frame after it in the file (closed GOPs, as x264 writes them), and where the frames after it shown before
+    it are B-frames needing the GOP before (MPEG-4 ASP's open GOPs): after the seek the decoder drops those,
+    and the guesses rank them before the keyframe, so they are not counted.
+
+    Exactly: AVI's seek rounds the time asked for to the nearest frame and takes the last keyframe at or
+    before it; FFmpeg first subtracts SEEK_EARLY where some stream has B-frames, so that is added back, and
+    1 ms more keeps the time on the keyframe's side of the rounding."""
+    if not keys:
+        raise FFmpegError("decoding failed", f"the frame at {first - base:.3f} s comes before the stream's first "
+                                             "keyframe: it cannot be decoded")
+    key_time, key_at = max(keys)
+    skip = sum(1 for t in times if key_time - 1e-6 <= t < first - 1e-6)
+    seek = key_at - base + (SEEK_EARLY if _seeks_early(src) else 0.0) + 1e-3 if at > 0 else None
+    return Window(seek=seek, start=None, end=None, skip=skip)
 
 
-def _first_pts(src: str, stream_index: int) -> float:
-    """The (demuxer-guessed) presentation time of the stream's first packet, frame 0's."""
-    args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index), "-read_intervals",
-            "%+#1", "-show_entries", "packet=pts_time", "-of", "csv=p=0", src]
-    out = run(args, timeout=30.0, what="ffprobe could not read the packets").decode().split()
-    return float(out[0]) if out and out[0] not in ("", "N/A") else 0.0
+def _seeks_early(src: str) -> bool:
+    """Whether any stream of the file has B-frames (a reorder delay): FFmpeg then seeks SEEK_EARLY early."""
+    args = [FFPROBE, "-v", "error", *input_args(src), "-show_entries", "stream=has_b_frames", "-of", "csv=p=0",
+            src]
+    out = run(args, timeout=30.0, what="ffprobe could not read the file").decode().split()
+    return any(v.strip().isdigit() and int(v) > 0 for v in out)
 
 
-def chunk_window(src: str, stream_index: int, seek: float, n_frames: int, frame: int | None = None) -> Window | None:
+def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Window | None:
     """Where the chunk of `n_frames` frames from the first frame at or after `seek` (seconds from the file's
     start) lies, from the packets around it. None when the stream has no timestamps (raw elementary streams
     such as .h264 or .m2v, which FFmpeg cannot seek in). Packets that carry a decode time only (AVI, MPEG-PS)
@@ -274,12 +269,6 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int, frame:
             frames.append((pts, dts if dts is not None else pts, "K" in p.get("flags", "")))
         if not frames or all(t is None and at is None for t, at, _ in frames):
             return None
-        if (meta.get("format") or {}).get("format_name") == "avi" and frame is not None:
-            window = _avi_window(frames, _first_pts(src, stream_index), base, frame)
-            if window is not None or origin == 0:
-                return window or Window(seek=None, start=None, end=None, skip=frame)
-            back, count = back * 4, count * 4  # no keyframe to land on exactly in what was read: further back
-            continue
         if any(t is None for t, _, _ in frames):
             return Window(seek=seek or None, start=None, end=None)
         times = sorted(t for t, _, _ in frames)
@@ -308,6 +297,8 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int, frame:
         before = [t for t in times if t < first]
         start = (before[-1] + first) / 2 if before else first - 1e-3
         end = (after[n_frames - 1] + after[n_frames]) / 2 if len(after) > n_frames else None
+        if (meta.get("format") or {}).get("format_name") == "avi":
+            return _avi_window(src, times, keys, first, base, at)
         if (meta.get("format") or {}).get("format_name") in PROGRAM_STREAMS:
             # Seek early and cut by the stream's own timestamps: where a program-stream seek lands, and so where
             # FFmpeg's timeline starts, is not exact.
@@ -319,11 +310,11 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int, frame:
 
 
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
-                  high_depth: bool, matrix: str, full_range: bool | None, frame: int | None = None) -> np.ndarray:
+                  high_depth: bool, matrix: str, full_range: bool | None) -> np.ndarray:
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
-    and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by number:
-    `frame`, the first frame's number, is then needed). A frame that
+    and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by count).
+    A frame that
     cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes its place.
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
@@ -331,7 +322,7 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
     seek = seek if seek is not None and seek > 0 else 0.0
-    window = chunk_window(src, stream_index, seek, n_frames, frame)
+    window = chunk_window(src, stream_index, seek, n_frames)
     frames_before = 0
     args = [*BASE, "-noautorotate"]
     cut = ""

@@ -48,12 +48,19 @@ class Lease:
     def __init__(self, root: str):
         self.root = root
         self.lost = threading.Event()
+        self.renewed: float | None = None  # object stores: monotonic time of the last write known to have landed
 
     def check(self) -> None:
+        job = self.root.rsplit("/", 1)[-1]
         if self.lost.is_set():
-            raise LeaseLost(f"another run took over job {self.root.rsplit('/', 1)[-1]} after this run could not "
-                            f"renew its lease for {TTL:.0f} s (storage unreachable?); this run stops, that one "
-                            "carries on")
+            raise LeaseLost(f"another run took over job {job} after this run could not renew its lease for "
+                            f"{TTL:.0f} s (storage unreachable?); this run stops, that one carries on")
+        # Renewals failing for most of TTL (throttling, expired credentials, a paused driver): another run may take
+        # the job over any moment without this one seeing it, so stop first.
+        if self.renewed is not None and (stale := time.monotonic() - self.renewed) > 0.75 * TTL:
+            raise LeaseLost(f"this run could not renew its lease on job {job} for {stale:.0f} s (storage "
+                            "unreachable?), so another run may take the job over; this run stops, and `reelmend "
+                            "resume` continues the job")
 
 
 def _holder() -> dict:
@@ -104,6 +111,7 @@ def _hold_local(root: str, path: str) -> Iterator[None]:
 def _hold_object(root: str, uri: str, lease: Lease) -> Iterator[None]:
     me = _holder()
     acquired = _acquire(root, uri, me)
+    lease.renewed = time.monotonic()
     stop = threading.Event()
 
     def renew() -> None:
@@ -127,6 +135,7 @@ def _hold_object(root: str, uri: str, lease: Lease) -> Iterator[None]:
             if not ours:
                 lease.lost.set()  # expired and taken over: the driver stops at its next check
                 return
+            lease.renewed = time.monotonic()
 
     thread = threading.Thread(target=renew, daemon=True, name="reelmend-lease")
     thread.start()

@@ -21,7 +21,7 @@ from pipeline.config import JobSpec
 from pipeline.schema import EVENTS, PLAN
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChunkState:
     status: str  # pending | running | done | failed
     failures: int = 0
@@ -117,7 +117,8 @@ class Manifest:
         Folded incrementally: the driver asks at every wave, and re-reading every part each time would cost a
         long job time quadratic in its length (52 us an event from local disk), so only the parts committed
         since the last call are read. A new part that sorts before one already folded (a clock stepped back)
-        makes it fold them all again, so the states are always those of the parts in commit order."""
+        makes it fold them all again, so the states are always those of the parts in name order (the order of
+        their writers' clocks), as any other reader sees them."""
         parts = self._event_parts()
         new = [n for n in parts if n not in self._folded]
         if new and new[0] < self._last_folded:

@@ -48,7 +48,7 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict) -> dict[str, Any
             frames = ffmpeg.decode_frames(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
-                full_range=info.full_range, frame=int(row["decode_start"]))
+                full_range=info.full_range)
     except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason
         return _failed(row, "decode", err)
     return {**row, "frames": frames, "frames_in": int(row["frame_end"] - row["frame_start"])}

@@ -46,6 +46,7 @@ RESTORED = {
     # AVI stores decode times only: with B-frames every chunk after the first came out a frame or two early
     "xvid b-frames.avi": "xvid b-frames.mkv",  # MPEG-4 ASP, open GOPs (leading B-frames after each keyframe)
     "h264 b-frames.avi": "h264 b-frames.mkv",  # x264's B-pyramid reorders more than FFmpeg's guess assumes
+    "xvid 29.97 with audio.avi": "xvid 29.97 with audio.mkv",  # keyframes 4 frames apart, no B-frames, a gap
     "dvd.vob": "dvd.mkv",  # MPEG-PS seeks by scanning, landing up to a GOP late: its last chunk came out short
     "damaged cluster.mkv": "damaged cluster.mkv",  # frames lost to container damage: restored as it now reads
     "with spaces.mkv": "with spaces.mkv",
@@ -153,6 +154,9 @@ def build_corpus(src: Path, work: Path) -> None:
                         ("dvd.vob", ("-c:v", "mpeg2video", "-bf", "2", "-q:v", "4", "-f", "vob"))):
         ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", "40", *codec, "-g", "12",
                str(src / name))
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=30000/1001", "-f", "lavfi", "-i", "sine", "-frames:v",
+           "40", "-c:v", "mpeg4", "-bf", "0", "-g", "4", "-c:a", "pcm_s16le", "-shortest",
+           str(src / "xvid 29.97 with audio.avi"))
     cluster = bytearray(make_clip(work / "damaged.mkv", size="160x96", frames=30, extra=(*x264, "-g", "10"))
                         .read_bytes())
     mid = len(cluster) // 2

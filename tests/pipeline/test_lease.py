@@ -59,6 +59,24 @@ def test_a_driver_whose_lease_was_taken_over_stops_at_its_next_check(monkeypatch
     assert json.loads(storage.read_bytes(f"{root}/lease"))["token"] == "other"  # the new holder's stays
 
 
+def test_a_driver_that_cannot_renew_stops_before_its_lease_can_expire(monkeypatch):
+    """Storage unreachable for most of TTL: nobody has taken the job over yet, but anybody may, unseen; the
+    driver stops at its next check rather than run on beside a new holder."""
+    monkeypatch.setattr(lease, "TTL", 0.4)  # renewals every 0.1 s
+    root = f"memory://leases-{time.time_ns()}/_reelmend/job-d"
+    with lease.hold(root) as held:
+        held.check()
+
+        def unreachable(uri, me):
+            raise OSError("connection refused")
+
+        monkeypatch.setattr(lease, "_ours", unreachable)
+        time.sleep(0.4)  # every renewal fails
+        with pytest.raises(lease.LeaseLost, match="could not renew its lease on job job-d"):
+            held.check()
+        assert not held.lost.is_set()  # nobody took it over
+
+
 @pytest.fixture
 def s3_root(s3):
     bucket = f"leases-{time.time_ns()}"
