@@ -314,8 +314,8 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
     and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by count).
-    A frame that
-    cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes its place.
+    A frame that cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes
+    its place.
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
     their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate)."""
@@ -343,9 +343,9 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
             # printed time rounds up past it; the trim below does the cutting.
             args += ["-noaccurate_seek", "-ss", f"{window.seek:.6f}"]
         args += [*input_args(src), "-i", src] + (["-copyts"] if window.copyts else [])
-        # settb=AVTB first: trim rounds its times to the stream's time base, and where that is the frame
-        # duration (AVI: 1/25) a cut halfway between two frames rounds onto one of them; in microseconds it
-        # falls between them.
+        # settb=AVTB first: trim rounds its times to the stream's time base, and where that is one frame's
+        # duration (1/25, as some containers have it) a cut halfway between two frames rounds onto one of them;
+        # in microseconds it falls between them.
         cut = (f"settb=AVTB,trim=start={window.start:.6f}" + (f":end={window.end:.6f}" if window.end is not None
                                                                else "") + ",")
     args += ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
