@@ -50,7 +50,7 @@ _NETWORKS: dict[str, dict[str, Any]] = {
     "descratch": {"arch": RestorerNet, "default_args": {"in_frames": 3}},
     "sr2x": {"arch": CompactSR, "default_args": {"scale": 2}, "alternatives": (RRDBNet,)},
     "sr4x": {"arch": CompactSR, "default_args": {"scale": 4}, "alternatives": (RRDBNet,)},
-    "interp2x": {"arch": FlowInterp},
+    "interp2x": {"arch": FlowInterp, "default_args": {"search": 4}},
 }
 STAGES: dict[str, StageInfo] = {name: StageInfo(**vars(geo), **_NETWORKS[name]) for name, geo in GEOMETRY.items()}
 

@@ -132,11 +132,12 @@ def probe_stream(path: Path | str, entries: str, selector: str = "v:0") -> dict:
 
 
 def write_tiny_weights(folder: Path, stage: str, flavour: str = "fidelity", perturb: float = 0.0,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, args: dict | None = None) -> Path:
     """Freshly initialised tiny weights for `stage`, saved the way `reelmend train --out` saves them.
-    With `perturb`, every parameter gets seeded noise, so the stage is not the identity its init is."""
+    With `perturb`, every parameter gets seeded noise, so the stage is not the identity its init is; `args`
+    override the architecture's arguments."""
     info = STAGES[stage]
-    args = {**info.default_args, **TINY_ARGS[info.arch.__name__]}
+    args = {**info.default_args, **TINY_ARGS[info.arch.__name__], **(args or {})}
     torch.manual_seed(seed)
     net = info.arch(**args)
     if perturb:

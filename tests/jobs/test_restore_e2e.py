@@ -180,9 +180,10 @@ def test_sr2x_doubles_both_sides(tmp_path, ray_address):
 
 def test_interp2x_doubles_frames_and_keeps_source_frames(tmp_path, ray_address):
     src = make_clip(tmp_path / "in" / "motion.mkv", size="64x48", frames=25, extra=("-c:v", "ffv1"))
-    # A fresh FlowInterp predicts zero flow and an even blend: the midpoint is the average of its neighbours,
-    # which pins down which source frames each output frame came from, across chunk boundaries too.
-    weights = write_tiny_weights(tmp_path / "weights", "interp2x")
+    # A fresh FlowInterp without its block-matching prior predicts zero flow and an even blend: the midpoint is
+    # the average of its neighbours, which pins down which source frames each output frame came from, across
+    # chunk boundaries too.
+    weights = write_tiny_weights(tmp_path / "weights", "interp2x", args={"search": 0})
     dest = tmp_path / "out"
     result = cli("restore", str(src.parent), str(dest), "--chain", "interp2x", "--models", str(weights),
                  "--lossless", "--chunk-frames", "6")

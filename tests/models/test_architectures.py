@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.compact_sr import CompactSR
-from models.flow_interp import FlowInterp, backward_warp
+from models.flow_interp import FlowInterp, backward_warp, symmetric_search
 from models.restorer_net import RestorerNet, inflate
 
 SIZES = [(37, 21), (64, 48), (1, 1), (16, 9)]
@@ -191,7 +191,51 @@ def test_flow_interp_perturbed_and_grads():
     check_grads(net, y)
 
 
-@pytest.mark.parametrize("kwargs", [{"features": 0}, {"levels": 0}])
+def _panned_pair(motion: tuple[int, int], hw: tuple[int, int] = (96, 128)):
+    """Three crops of one textured scene (smooth noise at several scales, with footage's contrast: a standard
+    deviation of 0.25) whose window pans by `motion` pixels (x, y) from frame 0 to frame 1; the middle crop is
+    the true frame at t = 0.5."""
+    torch.manual_seed(0)
+    size = (hw[0] + 64, hw[1] + 64)
+    scene = sum(F.interpolate(torch.rand(1, 3, size[0] // k, size[1] // k), size=size, mode="bilinear")
+                for k in (16, 8, 4))
+    scene = (0.5 + 0.25 * (scene - scene.mean()) / scene.std()).clamp(0, 1)
+    mx, my = motion
+
+    def crop(t: float) -> torch.Tensor:
+        x, y = 32 + round(mx * t), 32 + round(my * t)
+        return scene[..., y:y + hw[0], x:x + hw[1]]
+    return crop(0.0), crop(0.5), crop(1.0)
+
+
+@pytest.mark.parametrize("motion", [(6, -4), (24, 10), (-13, 7), (0, 0)])
+def test_symmetric_search_finds_the_pan(motion):
+    f0, mid, f1 = _panned_pair(motion)
+    flow = symmetric_search(f0, f1, radius=4)
+    inner = flow[..., 24:-24, 24:-24]  # away from the borders, where the crops do not overlap
+    # The window moves by +motion, so the content moves by -motion: the middle frame at p is frame 0 at
+    # p + motion / 2 and frame 1 at p - motion / 2.
+    half = torch.tensor([motion[0] / 2, motion[1] / 2]).view(1, 2, 1, 1)
+    assert torch.equal(inner[:, 2:], -inner[:, :2])  # symmetric about the midpoint
+    # Coarse to fine is greedy: where the coarsest level cannot tell its two nearest integers apart (a half-
+    # motion of -0.5 there), a few blocks settle a pixel or two off; most must be exact.
+    exact = ((inner[:, :2] - half).abs().amax(1) <= 0.25).float().mean()
+    assert exact >= 0.85, f"{exact:.0%} of the pixels found the pan"
+
+
+def test_flow_interp_with_search_starts_motion_compensated():
+    """A fresh net with the block-matching prior outputs the pair warped to the midpoint, not their average:
+    on a pan of (10, -6) pixels it is far closer to the true middle frame."""
+    f0, mid, f1 = _panned_pair((10, -6))
+    with torch.no_grad():
+        out = FlowInterp(features=8, search=4)(f0, f1)
+        same = FlowInterp(features=8, search=4)(f0, f0)
+    err = lambda x: float(((x - mid)[..., 16:-16, 16:-16] ** 2).mean())  # noqa: E731
+    assert err(out) < err((f0 + f1) / 2) / 20
+    assert torch.allclose(same, f0, atol=1e-5)  # no motion: the frame itself
+
+
+@pytest.mark.parametrize("kwargs", [{"features": 0}, {"levels": 0}, {"search": -1}, {"search": 1.5}])
 def test_flow_interp_bad_args(kwargs):
     with pytest.raises(ValueError):
         FlowInterp(**kwargs)

@@ -79,6 +79,6 @@ def test_interp2x_beats_averaging_the_neighbours(clean):
     out = _restore("interp2x", kept)
     made, truth = out[1:-1:2], clean[1::2]
     average = ((kept[:-1].astype(np.uint16) + kept[1:]) // 2).astype(np.uint8)
-    # The shipped interpolator is only a little better than the average (+0.1 dB on this fast-moving crop; it falls
-    # short of minterpolate: README), but the untrained network is exactly the average.
+    # This crop moves fast (the average of the neighbours scores 19.4 dB): the shipped interpolator gains +0.15 dB
+    # here (+1.07 on the held-out clips, README), and a network whose flows went wrong would fall below the average.
     assert psnr(made, truth) > psnr(average, truth) + 0.05
