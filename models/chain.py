@@ -45,7 +45,7 @@ class StageInfo(Geometry):
 
 _NETWORKS: dict[str, dict[str, Any]] = {
     "identity": {},
-    "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 5}},
+    "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 9}},
     "deblock": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
     "descratch": {"arch": RestorerNet, "default_args": {"in_frames": 3}},
     "sr2x": {"arch": CompactSR, "default_args": {"scale": 2}, "alternatives": (RRDBNet,)},

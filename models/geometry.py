@@ -30,7 +30,7 @@ class Geometry:
 
 GEOMETRY: dict[str, Geometry] = {
     "identity": Geometry(),
-    "denoise": Geometry(radius=2),
+    "denoise": Geometry(radius=4),
     "deblock": Geometry(),
     "descratch": Geometry(radius=1),
     "sr2x": Geometry(scale=2),

@@ -54,6 +54,7 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         (["denoise", "--steps", "0"], "needs --init DIR"),
         (["denoise", "--resume"], "nothing to resume"),
         (["denoise", "--lr-schedule", "step"], "lr_schedule"),
+        (["denoise", "--d-lr", "0"], "d_lr"),
         (["denoise", "--init", str(tmp_path / "nowhere")], "no weights for stage 'denoise'"),
     ]
     for extra, message in cases:

@@ -146,8 +146,8 @@ def test_deblock_from_pool_variants(ray_address, clean_data, tmp_path):
 
 
 def test_a_windowed_stage_starts_from_single_frame_weights(ray_address, clean_data, tmp_path):
-    """--init with single-frame denoise weights (what shipped before denoise read five frames): the head is
-    inflated to the five-frame window, training runs, and the result runs in the chain."""
+    """--init with single-frame denoise weights (what shipped before denoise read a window): the head is
+    inflated to the nine-frame window, training runs, and the result runs in the chain."""
     init = tmp_path / "init"
     torch.manual_seed(0)
     save_weights(RestorerNet(in_frames=1, features=8, blocks=2), str(init), "denoise", "fidelity",
@@ -156,7 +156,7 @@ def test_a_windowed_stage_starts_from_single_frame_weights(ray_address, clean_da
     run_training(spec(clean_data, out, stage="denoise", arch_args={"features": 8, "blocks": 2}, init=str(init),
                       steps=1, gan_steps=0), log=lambda m: None)
     card = read_card(str(out), "denoise", "fidelity")
-    assert card["args"]["in_frames"] == 5 and card["training"]["init"] == str(init)
+    assert card["args"]["in_frames"] == 9 and card["training"]["init"] == str(init)
     frames = np.random.default_rng(3).integers(0, 256, (6, 24, 40, 3), dtype=np.uint8)
     assert load_chain("denoise", str(out)).run(frames).shape == frames.shape
 

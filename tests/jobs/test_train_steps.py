@@ -123,7 +123,7 @@ def test_windowed_stages_train_on_camera_pans_too():
     from jobs.train_data import PAN_MAX_SPEED, sample_pair
 
     rng = np.random.default_rng(0)
-    still = np.repeat(rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8), 7, axis=0)  # one frame, 7 times
+    still = np.repeat(rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8), 11, axis=0)  # one frame, 11 times
     for stage, lo, hi in (("denoise", 0.3, 0.7), ("deblock", 0, 0)):
         spec = TrainSpec(stage=stage, data="d", out="o", patch=32)
         speeds = []

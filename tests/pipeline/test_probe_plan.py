@@ -55,8 +55,8 @@ def test_probe_refuses_what_is_not_a_video(tmp_path):
 def test_chain_geometry_accumulates_context():
     assert chain_geometry(parse_chain("identity")) == (1, 1, (0, 0))
     assert chain_geometry(parse_chain("deblock,sr2x,sr4x")) == (8, 1, (0, 0))
-    assert chain_geometry(parse_chain("denoise,sr2x,sr4x")) == (8, 1, (2, 2))  # five-frame windows
-    assert chain_geometry(parse_chain("denoise,descratch")) == (1, 1, (3, 3))
+    assert chain_geometry(parse_chain("denoise,sr2x,sr4x")) == (8, 1, (4, 4))  # nine-frame windows
+    assert chain_geometry(parse_chain("denoise,descratch")) == (1, 1, (5, 5))
     assert chain_geometry(parse_chain("descratch")) == (1, 1, (1, 1))
     assert chain_geometry(parse_chain("interp2x")) == (1, 2, (0, 1))
     # descratch after interpolation needs one interpolated frame each side: one more source frame after
