@@ -131,7 +131,9 @@ def _real_frame(clips, n=2):
 def test_tiled_inference_matches_whole_frame(tmp_path, clips, stage):
     from conftest import psnr
 
-    write_tiny_weights(tmp_path, stage, perturb=0.05)
+    # denoise's nine-frame head sums more perturbed taps: at 0.05 the tiny net drives a third of its pixels to 0
+    # and magnifies the least difference in its input (39.2 dB here); at 0.03 it is a sane function (44.7 dB)
+    write_tiny_weights(tmp_path, stage, perturb=0.03 if stage == "denoise" else 0.05)
     x = _real_frame(clips)
     whole = load_chain(stage, str(tmp_path)).run(x)
     # interp2x's block matching looks 16 pixels and an 11-pixel block around each pixel at quarter size: its
