@@ -299,7 +299,7 @@ def describe(info: VideoInfo | None) -> dict[str, str]:
         "rotation": f"{info.rotation}° (frames below are shown as stored)" if info.rotation else "none",
         "audio": streams("audio"),
         "subtitles": streams("subtitle"),
-        "other streams": streams("video", "data", "attachment"),
+        "other streams": streams("video", "cover", "data", "attachment"),
         "chapters": str(info.chapters),
     }
 

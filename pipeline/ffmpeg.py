@@ -415,13 +415,20 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
            rotation: int, streams: list[tuple[int, str, str]], frames: int, pixels: int,
            field_order: str | None = None) -> None:
     """Concatenate the segments (stream copy) and take the source's other streams (`streams`: index, kind,
-    codec of each audio, subtitle and, in Matroska, attachment stream), its chapters and its metadata
-    (global and per stream), without re-encoding. The one exception: MP4's mov_text subtitles have no
-    Matroska mapping, so they become SubRip text when the output is .mkv."""
+    codec of each audio, subtitle, second video stream, and, in MP4/MOV, cover art or, in Matroska,
+    attachment), its chapters and its metadata (global and per stream), without re-encoding: a second video
+    stream (another angle, a picture-in-picture) is carried as it was, not restored. The one exception: MP4's
+    mov_text subtitles have no Matroska mapping, so they become SubRip text when the output is .mkv.
+
+    A timecode track is not mapped: the source video stream's `timecode` tag, copied with its metadata, makes
+    the MP4/MOV muxer write a new one (Matroska keeps it as a TIMECODE tag). Cover art is dropped from Matroska
+    outputs, whose muxer in FFmpeg 5.1 would make it a one-frame video track."""
     args = [*BASE, "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,http,https,tcp,tls,crypto",
             "-i", list_file, *input_args(source), "-i", source, "-map", "0:v:0"]
     kept = [(i, kind, codec) for i, kind, codec in streams
-            if kind in ("audio", "subtitle") or kind == "attachment" and out_format == "matroska"]
+            if kind in ("audio", "subtitle") or kind == "video" and codec  # (a codec FFmpeg knows: copyable)
+            or kind == "attachment" and out_format == "matroska"
+            or kind == "cover" and out_format in ("mp4", "mov")]
     for index, _, _ in kept:
         args += ["-map", f"1:{index}"]
     # Naming any stream's metadata source turns FFmpeg's automatic per-stream copy off: name them all.

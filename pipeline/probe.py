@@ -30,7 +30,7 @@ class ProbeError(RuntimeError):
 class OtherStream(BaseModel):
     model_config = ConfigDict(frozen=True)
     index: int
-    kind: str  # audio | subtitle | attachment | data | video (a second video stream or cover art)
+    kind: str  # audio | subtitle | attachment | data | video (a second video stream) | cover (cover art)
     codec: str | None = None
     language: str | None = None
 
@@ -127,6 +127,12 @@ def _field_order(stream: dict) -> str | None:
     return order if order in ("tt", "bb", "tb", "bt") else None
 
 
+def _kind(stream: dict) -> str:
+    if stream.get("codec_type") == "video" and (stream.get("disposition") or {}).get("attached_pic"):
+        return "cover"  # cover art: a picture FFmpeg lists as a one-frame video stream
+    return stream.get("codec_type") or "data"
+
+
 def _choose_video(streams: list[dict]) -> dict:
     candidates = [s for s in streams if s.get("codec_type") == "video"
                   and not (s.get("disposition") or {}).get("attached_pic")
@@ -211,7 +217,7 @@ def _probe(src: str) -> VideoInfo:
         fps = rate or Fraction(25)
     depth, chroma = _depth_and_chroma(video.get("pix_fmt") or "", video.get("bits_per_raw_sample"))
     others = tuple(
-        OtherStream(index=int(s["index"]), kind=s.get("codec_type", "data"), codec=s.get("codec_name"),
+        OtherStream(index=int(s["index"]), kind=_kind(s), codec=s.get("codec_name"),
                     language=(s.get("tags") or {}).get("language"))
         for s in streams if s is not video)
     start = float(fmt.get("start_time") or 0.0)

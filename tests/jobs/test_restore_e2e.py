@@ -139,7 +139,7 @@ def test_rerun_resumes_and_redoes_nothing(archive):
                                                                    for e in events)
 
 
-def test_default_encode_is_h264_with_audio_and_colour_kept(tmp_path, clips, ray_address):
+def test_default_encode_is_h264_and_keeps_colour_rotation_and_extra_streams(tmp_path, clips, ray_address):
     src = tmp_path / "in"
     src.mkdir()
     ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "50", "-vf", "scale=160:68", "-c:v", "libx264",
@@ -150,6 +150,13 @@ def test_default_encode_is_h264_with_audio_and_colour_kept(tmp_path, clips, ray_
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-frames:v", "40", "-vf",
            "settb=1/1000,setpts='if(lt(N,20),N*40,800+(N-20)*80)'", "-fps_mode", "passthrough", "-c:v", "libx264",
            str(src / "vfr.mkv"))
+    # QuickTime with a second video stream (a picture-in-picture) and a timecode track; MP4 with cover art
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25:duration=0.8", "-f", "lavfi", "-i",
+           "smptebars=size=64x48:rate=25:duration=0.8", "-map", "0", "-map", "1", "-c:v", "libx264",
+           "-timecode", "01:02:03:04", str(src / "extras.mov"))
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-f", "lavfi", "-i", "smptebars=size=64x48",
+           "-map", "0", "-map", "1", "-frames:v:0", "20", "-frames:v:1", "1", "-c:v:0", "libx264", "-c:v:1", "mjpeg",
+           "-disposition:v:1", "attached_pic", str(src / "cover.mp4"))
     dest = tmp_path / "out"
     result = cli("restore", str(src), str(dest), "--chunk-frames", "12")
     assert result.exit_code == 0, result.output
@@ -165,6 +172,19 @@ def test_default_encode_is_h264_with_audio_and_colour_kept(tmp_path, clips, ray_
     # CRF 18 of the same frames (RGB processing clips out-of-gamut YUV, so not the ~45 dB of a YUV re-encode)
     assert psnr(decode(src / "tagged.mp4"), decode(dest / "tagged.mp4")) > 35
     assert not list((only_job(dest) / "segments").rglob("*.mkv"))  # segments are cleaned after the stitch
+
+    # extra streams come through untouched, in the source's container: the second video packet for packet, the
+    # timecode (the MOV muxer rebuilds its track from the video's tag), the cover art still cover art
+    extras = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json",
+                                        str(dest / "extras.mov")], capture_output=True, text=True).stdout)["streams"]
+    assert [(s["codec_type"], s.get("width")) for s in extras[:2]] == [("video", 96), ("video", 64)]
+    timecodes = [s for s in extras[2:] if s["codec_type"] == "data"]  # one per video stream, as in the source
+    assert timecodes and all(s["tags"]["timecode"] == "01:02:03:04" for s in extras[:1] + timecodes)
+    assert stream_hashes(dest / "extras.mov", "0:v:1") == stream_hashes(src / "extras.mov", "0:v:1")
+    cover = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json",
+                                       str(dest / "cover.mp4")], capture_output=True, text=True).stdout)["streams"]
+    assert [(s["codec_name"], s["disposition"]["attached_pic"]) for s in cover] == [("h264", 0), ("mjpeg", 1)]
+    assert stream_hashes(dest / "cover.mp4", "0:v:1") == stream_hashes(src / "cover.mp4", "0:v:1")
 
 
 def test_sr2x_doubles_both_sides(tmp_path, ray_address):

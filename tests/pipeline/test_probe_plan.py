@@ -7,8 +7,8 @@ from conftest import ffmpeg, make_clip
 
 from models.geometry import chain_geometry, parse_chain
 from pipeline.config import JobSpec
-from pipeline.plan import plan_video
-from pipeline.probe import ProbeError, probe
+from pipeline.plan import output_name, plan_video
+from pipeline.probe import OtherStream, ProbeError, probe
 
 
 def test_probe_real_clip_with_audio(clips):
@@ -87,6 +87,23 @@ def test_default_chunks_are_about_two_seconds(clips, tmp_path):
     rows = plan_video(spec, "job-x", "x", "bikes.mp4", info, (0, 0))
     assert rows[0]["frame_end"] == 50 and len(rows) == 5
     assert rows[0]["output_uri"].endswith("bikes.mkv")  # FFV1 cannot go in MP4
+
+
+def test_outputs_keep_their_container_where_it_holds_every_stream_carried(clips, tmp_path):
+    """MP4 and MOV outputs stay MP4 and MOV when they can hold every stream the output carries (second video
+    streams and cover art included); otherwise the output becomes Matroska rather than lose a stream."""
+    info = probe(str(clips / "bikes.mp4"))
+    spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
+
+    def output(ext: str, *streams: tuple[str, str | None]) -> tuple[str, str]:
+        others = tuple(OtherStream(index=i, kind=kind, codec=codec) for i, (kind, codec) in enumerate(streams, 1))
+        return output_name("v" + ext, info.model_copy(update={"streams": others}), spec)
+
+    assert output(".mp4", ("audio", "aac"), ("video", "h264"), ("cover", "mjpeg"), ("data", None)) == ("v.mp4", "mp4")
+    assert output(".mp4", ("video", "ffv1")) == ("v.mkv", "matroska")
+    assert output(".mov", ("video", "ffv1"), ("cover", "png")) == ("v.mov", "mov")
+    assert output(".mp4", ("cover", "bmp")) == ("v.mkv", "matroska")
+    assert output(".mp4", ("video", None)) == ("v.mp4", "mp4")  # a codec FFmpeg does not know: not carried
 
 
 def test_object_keys_cannot_escape_dest(clips, tmp_path):
