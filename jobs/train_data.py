@@ -133,10 +133,11 @@ def pool_crop(spec: TrainSpec) -> int:
 
 def make_pairs(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec, offset: int) -> dict[str, np.ndarray]:
     """CPU task: sample indices -> degraded (lq, hq) clips. `pool` is [ObjectRef of the clean pool] or, with
-    pool variants, [clean pool, its degraded variants]; `offset` is the index of the run's first sample (non-zero
-    when resuming)."""
+    pool variants, [clean pool, its degraded variants] and, for windowed stages, the clean windows the variants were
+    made from; `offset` is the index of the run's first sample (non-zero when resuming)."""
     clips = ray.get(pool[0])
     variants = ray.get(pool[1]) if len(pool) > 1 else None
+    windows = ray.get(pool[2]) if len(pool) > 2 else None
     recipe = RECIPES[spec.stage]
     lqs, hqs = [], []
     for index in batch["id"]:
@@ -145,23 +146,41 @@ def make_pairs(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec, offset
             lq, hq = sample_pair(clips[int(rng.integers(0, len(clips)))], spec, recipe, rng)
         else:
             k = int(rng.integers(0, len(variants)))
-            lq, hq = cut_pair(variants[k], clips[k // spec.pool_variants], spec, recipe.scale, rng)
+            clean = windows[k] if windows is not None else clips[k // spec.pool_variants]
+            lq, hq = cut_pair(variants[k], clean, spec, recipe.scale, rng)
         lqs.append(lq)
         hqs.append(hq)
     return {"lq": np.stack(lqs), "hq": np.stack(hqs)}
 
 
 def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> dict[str, np.ndarray]:
-    """CPU task: variant indices -> the whole pool clip `index // pool_variants`, degraded by the recipe."""
+    """CPU task: variant indices -> the pool clip `index // pool_variants` (for windowed stages, a window of it,
+    half the time panning), degraded by the recipe; rows {id, lq} and, for windowed stages, the clean window hq."""
     clips = ray.get(pool[0])
     recipe = RECIPES[spec.stage]
-    lqs = []
+    windowed = bool(STAGES[spec.stage].radius)
+    lqs, hqs = [], []
     for index in batch["id"]:
         rng = np.random.default_rng([spec.seed, VARIANT_SEED, int(index)])
-        lq, _ = degrade.make_pair(clips[int(index) // spec.pool_variants], recipe, rng,
-                                  roundtrip=ffmpeg.codec_roundtrip)
+        clean = clips[int(index) // spec.pool_variants]
+        if windowed:
+            clean = pool_window(clean, spec.patch, rng)
+            hqs.append(clean)
+        lq, _ = degrade.make_pair(clean, recipe, rng, roundtrip=ffmpeg.codec_roundtrip)
         lqs.append(lq)
-    return {"id": batch["id"], "lq": np.stack(lqs)}
+    return {"id": batch["id"], "lq": np.stack(lqs), **({"hq": np.stack(hqs)} if windowed else {})}
+
+
+def pool_window(clip: np.ndarray, patch: int, rng: np.random.Generator) -> np.ndarray:
+    """A window of a pool clip, halfway between the patch and the clip in size, for a windowed stage's pool
+    variant: half the time a camera pan (see PAN_PROBABILITY), else still. The pan must come before the damage,
+    so the codec sees the motion; patches are then cut from the window at random offsets."""
+    side = (patch + clip.shape[1]) // 2
+    window = panned_patch(clip, side, rng) if rng.random() < PAN_PROBABILITY else None
+    if window is None:
+        y, x = (int(rng.integers(0, d - side + 1)) for d in clip.shape[1:3])
+        window = clip[:, y:y + side, x:x + side]
+    return np.ascontiguousarray(window)
 
 
 # Interpolation patches: the most moving of this many random candidates. Most patches of real footage are static
@@ -172,7 +191,7 @@ def degrade_pool(batch: dict[str, np.ndarray], pool: list, spec: TrainSpec) -> d
 MOTION_CANDIDATES = 4
 
 
-# Windowed stages (descratch, denoise) learn to use their neighbour frames from footage that is mostly shot from a
+# Windowed stages (descratch, denoise, deblock) learn to use their neighbour frames from footage that is mostly shot from a
 # tripod: half their patches follow a simulated camera pan instead, a window moving a random whole number of pixels
 # per frame, so the net must learn to tell a static neighbour from a moved one. The five-frame denoiser trained
 # without it averaged its neighbours regardless of motion (34.2 -> 29.6 dB on bikes.mp4 at sigma 5).
@@ -287,6 +306,8 @@ def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, 
             degrade_pool, batch_size=8, num_cpus=1, fn_kwargs={"pool": pool_refs, "spec": spec})
         rows = sorted(made.take_all(), key=lambda r: r["id"])
         pool_refs.append(ray.put(np.stack([r["lq"] for r in rows])))
+        if "hq" in rows[0]:  # windowed stages: the (possibly panning) clean windows the variants were made from
+            pool_refs.append(ray.put(np.stack([r["hq"] for r in rows])))
     ds = ray.data.range(samples, override_num_blocks=max(1, samples // (4 * spec.batch)))
     ds = ds.map_batches(make_pairs, batch_size=spec.batch, num_cpus=1,
                         fn_kwargs={"pool": pool_refs, "spec": spec, "offset": first_step * per_step})

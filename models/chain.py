@@ -46,7 +46,7 @@ class StageInfo(Geometry):
 _NETWORKS: dict[str, dict[str, Any]] = {
     "identity": {},
     "denoise": {"arch": RestorerNet, "default_args": {"in_frames": 9}},
-    "deblock": {"arch": RestorerNet, "default_args": {"in_frames": 1}},
+    "deblock": {"arch": RestorerNet, "default_args": {"in_frames": 5}},
     "descratch": {"arch": RestorerNet, "default_args": {"in_frames": 3}},
     "sr2x": {"arch": CompactSR, "default_args": {"scale": 2}, "alternatives": (RRDBNet,)},
     "sr4x": {"arch": CompactSR, "default_args": {"scale": 4}, "alternatives": (RRDBNet,)},

@@ -4,8 +4,8 @@ The driver's job-spec validation and the CPU decode and encode workers need only
 costs each fresh Ray worker process about 1.5 s of CPU, which on a small node is taken from the restore actors.
 `models.chain` adds the networks behind the stages.
 
-Frame semantics (DESIGN.md): spatial stages map N -> N frames; `denoise` and `descratch` read `radius` neighbours
-each side (noise and damage differ from frame to frame, the scene mostly does not);
+Frame semantics (DESIGN.md): spatial stages map N -> N frames; `denoise`, `deblock` and `descratch` read `radius`
+neighbours each side (noise, coding error and damage differ from frame to frame, the scene mostly does not);
 `interp2x` maps N -> 2N with frame 2k = source k, 2k+1 = midpoint(k, k+1), and the last frame a copy.
 """
 
@@ -31,7 +31,7 @@ class Geometry:
 GEOMETRY: dict[str, Geometry] = {
     "identity": Geometry(),
     "denoise": Geometry(radius=4),
-    "deblock": Geometry(),
+    "deblock": Geometry(radius=2),
     "descratch": Geometry(radius=1),
     "sr2x": Geometry(scale=2),
     "sr4x": Geometry(scale=4),

@@ -85,9 +85,9 @@ def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path,
     reference = tmp_path / "reference"
     assert cli("restore", str(src), str(reference), *args).exit_code == 0
 
-    # one 96x64 frame (6,144 pixels; deblock reads no neighbours) fits under the limit, a batch of two does not:
+    # one 96x64 frame with its window of five (30,720 pixels) fits under the limit, a batch of two does not:
     # the chunks succeed once the stage has come down to one frame per forward
-    inject([{"stage": "restore", "kind": "memory", "max_pixels": 7000}])
+    inject([{"stage": "restore", "kind": "memory", "max_pixels": 40000}])
     dest = tmp_path / "out"
     result = cli("restore", str(src), str(dest), *args)
     assert result.exit_code == 0, result.output

@@ -136,12 +136,12 @@ def test_training_reads_and_writes_an_object_store(ray_address, clean_data, s3, 
 
 def test_deblock_from_pool_variants(ray_address, clean_data, tmp_path):
     """--pool-variants: the pool is degraded through real codecs once, up front, and the run trains on patches of
-    those pairs; the card says so."""
+    those pairs (for the five-frame deblock, pairs made from windows of the pool clips); the card says so."""
     out = tmp_path / "deblock"
     run_training(spec(clean_data, out, stage="deblock", arch_args={"features": 8, "blocks": 2}, steps=2,
                       gan_steps=0, pool_variants=2), log=lambda m: None)
     card = read_card(str(out), "deblock", "fidelity")
-    assert card["data"]["pool_variants"] == 2 and card["metrics"]["step"] == 2
+    assert card["data"]["pool_variants"] == 2 and card["metrics"]["step"] == 2 and card["args"]["in_frames"] == 5
     assert np.isfinite(card["metrics"]["val_psnr"])
 
 

@@ -117,28 +117,50 @@ def test_interpolation_patches_favour_motion():
     assert picks["interp2x"] > 0.9 > picks["deblock"] > 0.3
 
 
+def _pan_step(frames: np.ndarray) -> tuple[int, int] | None:
+    """The constant whole-pixel step each frame moves from the previous one, (0, 0) when still; None if none."""
+    from jobs.train_data import PAN_MAX_SPEED
+
+    s = frames.shape[1]
+    for vy in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1):
+        for vx in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1):
+            if all(np.array_equal(frames[k + 1][max(0, -vy):s - max(0, vy), max(0, -vx):s - max(0, vx)],
+                                  frames[k][max(0, vy):s + min(0, vy), max(0, vx):s + min(0, vx)])
+                   for k in range(len(frames) - 1)):
+                return vy, vx
+    return None
+
+
 def test_windowed_stages_train_on_camera_pans_too():
-    """About half the patches of a windowed stage (denoise) pan: each frame is the previous one moved by the same
-    whole-pixel step, so a static scene becomes one the net must align; single-frame stages never pan."""
-    from jobs.train_data import PAN_MAX_SPEED, sample_pair
+    """About half the patches of a windowed stage (denoise, deblock) pan: each frame is the previous one moved by
+    the same whole-pixel step, so a static scene becomes one the net must align; single-frame stages never pan."""
+    from jobs.train_data import sample_pair
 
     rng = np.random.default_rng(0)
     still = np.repeat(rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8), 11, axis=0)  # one frame, 11 times
-    for stage, lo, hi in (("denoise", 0.3, 0.7), ("deblock", 0, 0)):
+    for stage, lo, hi in (("denoise", 0.3, 0.7), ("deblock", 0.3, 0.7), ("sr2x", 0, 0)):
         spec = TrainSpec(stage=stage, data="d", out="o", patch=32)
-        speeds = []
+        steps = []
         for i in range(60):
             _, hq = sample_pair(still[:spec.clip_frames], spec, RECIPES["interp2x"], np.random.default_rng(i),
                                 augment=False)
-            found = [(vy, vx) for vy in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1)
-                     for vx in range(-PAN_MAX_SPEED, PAN_MAX_SPEED + 1)
-                     if all(np.array_equal(hq[k + 1][max(0, -vy):32 - max(0, vy), max(0, -vx):32 - max(0, vx)],
-                                           hq[k][max(0, vy):32 + min(0, vy), max(0, vx):32 + min(0, vx)])
-                            for k in range(len(hq) - 1))]
-            assert found, "every frame must be the previous one moved by one constant step"
-            speeds.append(found[0])
-        panned = np.mean([v != (0, 0) for v in speeds])
+            steps.append(_pan_step(hq))
+            assert steps[-1] is not None, "every frame must be the previous one moved by one constant step"
+        panned = np.mean([v != (0, 0) for v in steps])
         assert lo <= panned <= hi, (stage, panned)
+
+
+def test_pool_variants_of_windowed_stages_pan_before_the_damage():
+    """With --pool-variants the damage is made up front, so the pan must be too: a windowed stage's variant is a
+    window of its pool clip, panning about half the time, and it is that window which is degraded."""
+    from jobs.train_data import pool_window
+
+    still = np.repeat(np.random.default_rng(0).integers(0, 256, (1, 192, 192, 3), dtype=np.uint8), 7, axis=0)
+    windows = [pool_window(still, 96, np.random.default_rng(i)) for i in range(60)]
+    assert {w.shape for w in windows} == {(7, 144, 144, 3)}  # halfway between patch and clip: room to cut patches
+    steps = [_pan_step(w) for w in windows]
+    assert None not in steps
+    assert 0.3 <= np.mean([v != (0, 0) for v in steps]) <= 0.7
 
 
 def test_pool_variant_patches_stay_aligned_with_their_targets():

@@ -75,13 +75,15 @@ def test_pickled_or_mismatched_checkpoints_are_refused(tmp_path):
 
 
 def test_weights_for_another_window_are_refused(tmp_path):
-    """Weights of a single-frame denoiser (what shipped before denoise read a window) cannot run in the
-    nine-frame stage: refused with what to do, not a shape error mid-job."""
-    write_tiny_weights(tmp_path, "deblock")  # a single-frame RestorerNet
+    """Weights of a net for another window (a single-frame one is what shipped before denoise and deblock read
+    windows) cannot run in the stage: refused with what to do, not a shape error mid-job."""
+    write_tiny_weights(tmp_path, "deblock", args={"in_frames": 1})  # a single-frame RestorerNet
     for ext in ("safetensors", "json"):
         (tmp_path / f"denoise.{ext}").write_bytes((tmp_path / f"deblock.{ext}").read_bytes())
     with pytest.raises(WeightsError, match="read 1 frame.*window of 9.*reelmend train denoise"):
         load_chain("denoise", str(tmp_path))
+    with pytest.raises(WeightsError, match="read 1 frame.*window of 5.*reelmend train deblock"):
+        load_chain("deblock", str(tmp_path))
 
 
 class _Trap:

@@ -53,10 +53,10 @@ def test_denoise_removes_real_noise(clean):
 
 
 def test_deblock_repairs_h264_at_crf_37(clean):
-    # The shipped deblock gains little over x264's own in-loop deblocking (+0.05 dB on this crop, +0.1 dB in the
-    # quality bench: README), but it must gain: the untrained (identity) network scores +0.00 here.
+    # The shipped deblock gains least on panning footage like this crop (+0.11 dB; +0.45 over the input in the
+    # quality bench, mostly static clips: README), but it must gain: the untrained (identity) network scores +0.00.
     blocky = ffmpeg.codec_roundtrip(clean, "h264", 37)
-    assert psnr(_restore("deblock", blocky), clean) > psnr(blocky, clean) + 0.02
+    assert psnr(_restore("deblock", blocky), clean) > psnr(blocky, clean) + 0.05
 
 
 def test_descratch_repairs_film_damage(clean):

@@ -54,7 +54,8 @@ def test_probe_refuses_what_is_not_a_video(tmp_path):
 
 def test_chain_geometry_accumulates_context():
     assert chain_geometry(parse_chain("identity")) == (1, 1, (0, 0))
-    assert chain_geometry(parse_chain("deblock,sr2x,sr4x")) == (8, 1, (0, 0))
+    assert chain_geometry(parse_chain("sr2x,sr4x")) == (8, 1, (0, 0))
+    assert chain_geometry(parse_chain("deblock,sr2x,sr4x")) == (8, 1, (2, 2))
     assert chain_geometry(parse_chain("denoise,sr2x,sr4x")) == (8, 1, (4, 4))  # nine-frame windows
     assert chain_geometry(parse_chain("denoise,descratch")) == (1, 1, (5, 5))
     assert chain_geometry(parse_chain("descratch")) == (1, 1, (1, 1))
