@@ -411,31 +411,53 @@ def concat_list(paths: list[str]) -> str:
     return "ffconcat version 1.0\n" + "".join("file '" + p.replace("'", "'\\''") + "'\n" for p in paths)
 
 
+# What each output container holds of a source's other streams, stream-copied (FFmpeg 5.1's muxers).
+MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "mp2"}
+MP4_VIDEO = {"h264", "hevc", "av1", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg", "png"}
+MOV_VIDEO = (MP4_VIDEO - {"vp9", "av1"}) | {"prores", "dnxhd", "ffv1", "rawvideo", "qtrle", "dvvideo"}
+
+
+def carries(out_format: str, kind: str, codec: str | None) -> bool:
+    """Whether `stitch` into `out_format` (matroska, mp4, mov) carries a source stream of this kind and codec.
+
+    Only the default video stream is restored; a second one is copied as it was. A stream in a codec FFmpeg
+    does not know cannot be copied. Cover art stays cover art only in MP4: FFmpeg 5.1's MOV muxer drops it and
+    its Matroska muxer would make it a one-frame video track. A timecode track is not mapped: the video stream's
+    `timecode` tag, copied with its metadata, makes the MP4/MOV muxer write a new one (Matroska keeps the tag);
+    other data tracks are not carried."""
+    mkv = out_format == "matroska"
+    if kind == "attachment":
+        return mkv
+    if not codec or kind not in ("audio", "subtitle", "video", "cover"):
+        return False
+    if kind == "audio":
+        return mkv or codec in MP4_AUDIO or out_format == "mov" and codec.startswith("pcm")
+    if kind == "subtitle":
+        return mkv or codec == "mov_text"  # (mov_text becomes SubRip in Matroska)
+    if kind == "video":
+        return mkv or codec in (MOV_VIDEO if out_format == "mov" else MP4_VIDEO)
+    return out_format == "mp4" and codec in ("mjpeg", "png")
+
+
 def stitch(list_file: str, source: str, out_path: str, *, source_video_index: int, out_format: str,
            rotation: int, streams: list[tuple[int, str, str]], frames: int, pixels: int,
            field_order: str | None = None) -> None:
-    """Concatenate the segments (stream copy) and take the source's other streams (`streams`: index, kind,
-    codec of each audio, subtitle, second video stream, and, in MP4/MOV, cover art or, in Matroska,
-    attachment), its chapters and its metadata (global and per stream), without re-encoding: a second video
-    stream (another angle, a picture-in-picture) is carried as it was, not restored. The one exception: MP4's
-    mov_text subtitles have no Matroska mapping, so they become SubRip text when the output is .mkv.
-
-    A timecode track is not mapped: the source video stream's `timecode` tag, copied with its metadata, makes
-    the MP4/MOV muxer write a new one (Matroska keeps it as a TIMECODE tag). Cover art is dropped from Matroska
-    outputs, whose muxer in FFmpeg 5.1 would make it a one-frame video track."""
+    """Concatenate the segments (stream copy) and take the source's other streams that the output container
+    carries (`streams`: index, kind, codec of each; see `carries`), its chapters and its metadata (global and per
+    stream), without re-encoding. The one exception: MP4's mov_text subtitles have no Matroska mapping, so they
+    become SubRip text when the output is .mkv."""
     args = [*BASE, "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,http,https,tcp,tls,crypto",
             "-i", list_file, *input_args(source), "-i", source, "-map", "0:v:0"]
-    kept = [(i, kind, codec) for i, kind, codec in streams
-            if kind in ("audio", "subtitle") or kind == "video" and codec  # (a codec FFmpeg knows: copyable)
-            or kind == "attachment" and out_format == "matroska"
-            or kind == "cover" and out_format in ("mp4", "mov")]
+    kept = [(i, kind, codec) for i, kind, codec in streams if carries(out_format, kind, codec)]
     for index, _, _ in kept:
         args += ["-map", f"1:{index}"]
     # Naming any stream's metadata source turns FFmpeg's automatic per-stream copy off: name them all.
     args += ["-map_metadata", "1", "-map_chapters", "1", "-map_metadata:s:0", f"1:s:{source_video_index}"]
     for out_index, (index, _, _) in enumerate(kept, start=1):
         args += [f"-map_metadata:s:{out_index}", f"1:s:{index}"]
-    args += ["-c", "copy"]
+    # The restored stream is the default one: the concat input has no disposition to copy, and a carried second
+    # video marked default (mkvmerge and MP4Box mark every track so) would otherwise be the one players open.
+    args += ["-c", "copy", "-disposition:v:0", "default"]
     if out_format == "matroska":
         for out_index, (_, kind, codec) in enumerate(kept, start=1):
             if kind == "subtitle" and codec == "mov_text":

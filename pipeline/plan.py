@@ -6,15 +6,12 @@ from __future__ import annotations
 import hashlib
 import posixpath
 
+from pipeline import ffmpeg
 from pipeline.config import JobSpec
 from pipeline.probe import VideoInfo
 from pipeline.storage import join, safe_relative
 
 MP4_FAMILY = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
-MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "mp2"}
-# Codecs of a second video stream (stream-copied) that MP4 holds, and the more that QuickTime also does.
-MP4_VIDEO = {"h264", "hevc", "av1", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg", "png"}
-MOV_VIDEO = MP4_VIDEO | {"prores", "dnxhd", "ffv1", "rawvideo", "qtrle", "dvvideo"}
 
 
 def video_id(rel_path: str) -> str:
@@ -30,13 +27,9 @@ def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str
     fits = (
         family is not None
         and not spec.encode.lossless  # FFV1 has no MP4 mapping
-        and all(s.kind == "audio" and (s.codec in MP4_AUDIO or family == "mov" and (s.codec or "").startswith("pcm"))
-                or s.kind == "subtitle" and s.codec == "mov_text"
-                or s.kind == "video" and (s.codec is None  # a codec FFmpeg does not know is not carried
-                                          or s.codec in (MOV_VIDEO if family == "mov" else MP4_VIDEO))
-                or s.kind == "cover" and s.codec in ("mjpeg", "png")
-                # a timecode track is rebuilt from the video stream's timecode tag; other data is not carried
-                or s.kind == "data"
+        and not (family == "mov" and spec.encode.codec == "av1")  # FFmpeg's QuickTime muxer refuses AV1
+        # every stream a Matroska output would carry, this container carries too
+        and all(ffmpeg.carries(family, s.kind, s.codec) or not ffmpeg.carries("matroska", s.kind, s.codec)
                 for s in info.streams)
     )
     if fits:

@@ -145,7 +145,8 @@ def build_corpus(src: Path, work: Path) -> None:
            str(src / "vfr.mkv"))
     make_clip(src / "ten-bit.mkv", size="64x48", frames=20, extra=(*x264, "-pix_fmt", "yuv420p10le"))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-f", "lavfi", "-i", "smptebars=size=64x48:rate=25",
-           "-map", "0", "-map", "1", "-frames:v", "20", "-c:v", "ffv1", str(src / "two videos.mkv"))
+           "-map", "0", "-map", "1", "-frames:v", "20", "-c:v", "ffv1", "-disposition:v:0", "default",
+           "-disposition:v:1", "default", str(src / "two videos.mkv"))  # both default, as mkvmerge marks them
     make_clip(src / "interlaced.mkv", frames=20, extra=(*x264, "-flags", "+ilme+ildct", "-top", "1"))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", "20", *x264, "-f", "h264",
            str(src / "raw.h264"))
@@ -229,6 +230,7 @@ def test_awkward_properties_are_kept(corpus):
                                          str(dest / "two videos.mkv")], capture_output=True, text=True).stdout)
     # the first, default stream restored; the second carried as it was, packet for packet
     assert [(s["codec_type"], s["width"]) for s in streams["streams"]] == [("video", 96), ("video", 64)]
+    assert streams["streams"][0]["disposition"]["default"] == 1  # the restored one is what players open
     assert stream_hashes(dest / "two videos.mkv", "0:v:1") == stream_hashes(src / "two videos.mkv", "0:v:1")
 
 

@@ -174,7 +174,7 @@ def test_default_encode_is_h264_and_keeps_colour_rotation_and_extra_streams(tmp_
     assert not list((only_job(dest) / "segments").rglob("*.mkv"))  # segments are cleaned after the stitch
 
     # extra streams come through untouched, in the source's container: the second video packet for packet, the
-    # timecode (the MOV muxer rebuilds its track from the video's tag), the cover art still cover art
+    # timecode (the MOV muxer rebuilds its track from the video's tag), the cover art still cover art (in MP4)
     extras = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json",
                                         str(dest / "extras.mov")], capture_output=True, text=True).stdout)["streams"]
     assert [(s["codec_type"], s.get("width")) for s in extras[:2]] == [("video", 96), ("video", 64)]

@@ -7,6 +7,7 @@ from conftest import ffmpeg, make_clip
 
 from models.geometry import chain_geometry, parse_chain
 from pipeline.config import JobSpec
+from pipeline.ffmpeg import carries as ffmpeg_carries
 from pipeline.plan import output_name, plan_video
 from pipeline.probe import OtherStream, ProbeError, probe
 
@@ -91,8 +92,9 @@ def test_default_chunks_are_about_two_seconds(clips, tmp_path):
 
 
 def test_outputs_keep_their_container_where_it_holds_every_stream_carried(clips, tmp_path):
-    """MP4 and MOV outputs stay MP4 and MOV when they can hold every stream the output carries (second video
-    streams and cover art included); otherwise the output becomes Matroska rather than lose a stream."""
+    """MP4 and MOV outputs stay MP4 and MOV when they carry every stream a Matroska output would (second video
+    streams included); otherwise the output becomes Matroska rather than lose a stream. Streams no container
+    carries (cover art FFmpeg cannot keep as such, data tracks, unknown codecs) do not decide it."""
     info = probe(str(clips / "bikes.mp4"))
     spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
 
@@ -103,7 +105,10 @@ def test_outputs_keep_their_container_where_it_holds_every_stream_carried(clips,
     assert output(".mp4", ("audio", "aac"), ("video", "h264"), ("cover", "mjpeg"), ("data", None)) == ("v.mp4", "mp4")
     assert output(".mp4", ("video", "ffv1")) == ("v.mkv", "matroska")
     assert output(".mov", ("video", "ffv1"), ("cover", "png")) == ("v.mov", "mov")
-    assert output(".mp4", ("cover", "bmp")) == ("v.mkv", "matroska")
+    assert output(".mov", ("video", "vp9")) == ("v.mkv", "matroska")  # QuickTime refuses VP9 (MP4 only)
+    assert output(".mp4", ("cover", "bmp")) == ("v.mp4", "mp4")
+    assert ffmpeg_carries("mp4", "cover", "png") and not ffmpeg_carries("mov", "cover", "png")
+    assert not ffmpeg_carries("matroska", "cover", "mjpeg") and ffmpeg_carries("matroska", "video", "vp9")
     assert output(".mp4", ("video", None)) == ("v.mp4", "mp4")  # a codec FFmpeg does not know: not carried
 
 
