@@ -191,9 +191,9 @@ def pool_window(clip: np.ndarray, patch: int, rng: np.random.Generator) -> np.nd
 MOTION_CANDIDATES = 4
 
 
-# Windowed stages (descratch, denoise, deblock) learn to use their neighbour frames from footage that is mostly shot from a
-# tripod: half their patches follow a simulated camera pan instead, a window moving a random whole number of pixels
-# per frame, so the net must learn to tell a static neighbour from a moved one. The five-frame denoiser trained
+# Windowed stages (descratch, denoise, deblock) learn to use their neighbour frames from footage that is mostly shot
+# from a tripod: half their patches follow a simulated camera pan instead, a window moving a random whole number of
+# pixels per frame, so the net must learn to tell a static neighbour from a moved one. The five-frame denoiser trained
 # without it averaged its neighbours regardless of motion (34.2 -> 29.6 dB on bikes.mp4 at sigma 5).
 PAN_PROBABILITY = 0.5
 PAN_MAX_SPEED = 8  # pixels per frame on each axis; the pool crop (twice the patch) leaves room for it

@@ -134,8 +134,7 @@ def _kind(stream: dict) -> str:
 
 
 def _choose_video(streams: list[dict]) -> dict:
-    candidates = [s for s in streams if s.get("codec_type") == "video"
-                  and not (s.get("disposition") or {}).get("attached_pic")
+    candidates = [s for s in streams if _kind(s) == "video"
                   and s.get("codec_name") and int(s.get("width") or 0) > 0 and int(s.get("height") or 0) > 0]
     if not candidates:
         raise ProbeError(f"no decodable video stream ({_why_no_video(streams)})")
