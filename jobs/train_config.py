@@ -31,6 +31,9 @@ class LossSpec(Frozen):
     w_adversarial: float = Field(0.05, ge=0)
     w_temporal_adversarial: float = Field(0.02, ge=0)
     w_temporal: float = Field(0.5, ge=0)
+    # What the discriminators look at (models.losses.detail_view): "detail", the frames' fine detail amplified,
+    # or "rgb", the frames as they are (every `:gan` flavour shipped before 2026-11-23 was trained so).
+    d_view: Literal["detail", "rgb"] = "detail"
 
 
 class TrainSpec(Frozen):
@@ -52,6 +55,9 @@ class TrainSpec(Frozen):
     gan_lr: float = Field(5e-5, gt=0)
     d_lr: float = Field(1e-4, gt=0)
     d_features: int = Field(32, ge=4)
+    # GAN-phase steps, at its start, that train only the discriminators (BasicSR's net_d_init_iters), so the
+    # generator's first adversarial gradients come from a discriminator that already tells real from restored.
+    d_warmup: int = Field(0, ge=0)
     loss: LossSpec = LossSpec()
     pool_clips: int = Field(400, ge=1)  # clean clips decoded once, patches cut from them per step
     # 0: every sample is degraded afresh. N: each pool clip is degraded N times once, before training, and samples
@@ -90,6 +96,8 @@ class TrainSpec(Frozen):
             raise ValueError("--steps 0 (GAN phase only) needs --init DIR with the stage's fidelity weights")
         if self.patch % (info.scale * 8):
             raise ValueError(f"--patch must be a multiple of {info.scale * 8} for {self.stage}")
+        if self.gan_steps and self.d_warmup >= self.gan_steps:
+            raise ValueError(f"--d-warmup ({self.d_warmup}) must be less than --gan-steps ({self.gan_steps})")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError("--fail-at-step must come after the first checkpoint (> --checkpoint-every)")
         return self

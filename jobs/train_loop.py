@@ -96,7 +96,7 @@ def train_loop(config: dict) -> None:
     # -- steps -----------------------------------------------------------------------------------------
     batches = endless(ray.train.get_dataset_shard("train"), spec.batch, device)
     tell = progress_teller(config.get("progress") if rank == 0 else None)
-    sums: dict[str, float] = {}
+    sums: dict[str, list[float]] = {}  # metric -> [sum, count]: warm-up steps report no generator losses
     counted, t0 = 0, time.perf_counter()
     for step in range(start, spec.total_steps):
         if spec.fail_at_step == step and start == 0 and rank == world - 1:
@@ -112,9 +112,11 @@ def train_loop(config: dict) -> None:
                 group["lr"] = spec.fidelity_lr(step)
             metrics = fidelity_step(g, opt_g, lq, hq, spec, info)
         else:
-            metrics = gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec, info)
+            metrics = gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec, info,
+                               train_g=step >= spec.steps + spec.d_warmup)
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
+            total = sums.setdefault(k, [0.0, 0])
+            total[0], total[1] = total[0] + v, total[1] + 1
         counted += 1
 
         done = step + 1
@@ -123,7 +125,7 @@ def train_loop(config: dict) -> None:
             continue
         elapsed = time.perf_counter() - t0
         report = {"step": done, "phase": phase_of(step, spec),
-                  **{k: v / counted for k, v in sums.items()}, "steps_per_s": counted / elapsed}
+                  **{k: v / n for k, (v, n) in sums.items()}, "steps_per_s": counted / elapsed}
         sums, counted = {}, 0
         if rank == 0:
             report.update(validate(unwrap(g), info, val, device))
@@ -181,41 +183,49 @@ def fidelity_step(g, opt_g, lq, hq, spec: TrainSpec, info: StageInfo) -> dict[st
     return {"loss_pixel": loss.item()}
 
 
-def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo) -> dict[str, float]:
+def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
+             train_g: bool = True) -> dict[str, float]:
     """One adversarial step: generator update, then discriminator update (DESIGN.md: one explicit function)."""
     w, kind = spec.loss, spec.loss.adversarial
-    out = generate(g, info, lq)
+    view = losses.detail_view if w.d_view == "detail" else (lambda x: x)
+    with torch.set_grad_enabled(train_g):
+        out = generate(g, info, lq)
     real = targets(info, hq)
     real_stack, fake_stack = temporal_stacks(info, lq, hq, out)
+    metrics = {}
 
     # 1. generator: pixel + feature matching + adversarial (per frame and temporal) + temporal consistency
-    with frozen(unwrap(d), unwrap(dt)) as (d_eval, dt_eval):
-        with torch.no_grad():
-            real_logits, real_feats = d_eval(real.flatten(0, 1))
-            real_tlogits, real_tfeats = dt_eval(real_stack)
-        fake_logits, fake_feats = d_eval(out.flatten(0, 1))
-        fake_tlogits, fake_tfeats = dt_eval(fake_stack)
-    loss_pixel = pixel_loss(spec, out, real)
-    loss_feature = losses.feature_matching(real_feats, fake_feats) + losses.feature_matching(real_tfeats,
-                                                                                             fake_tfeats)
-    loss_adv = losses.g_loss(kind, real_logits, fake_logits)
-    loss_tadv = losses.g_loss(kind, real_tlogits, fake_tlogits)
-    loss_temporal = losses.temporal_consistency(fake_stack, real_stack)
-    loss_g = (w.w_pixel * loss_pixel + w.w_feature * loss_feature + w.w_adversarial * loss_adv
-              + w.w_temporal_adversarial * loss_tadv + w.w_temporal * loss_temporal)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
+    #    (skipped while the discriminators warm up: --d-warmup)
+    if train_g:
+        with frozen(unwrap(d), unwrap(dt)) as (d_eval, dt_eval):
+            with torch.no_grad():
+                real_logits, real_feats = d_eval(view(real.flatten(0, 1)))
+                real_tlogits, real_tfeats = dt_eval(view(real_stack))
+            fake_logits, fake_feats = d_eval(view(out.flatten(0, 1)))
+            fake_tlogits, fake_tfeats = dt_eval(view(fake_stack))
+        loss_pixel = pixel_loss(spec, out, real)
+        loss_feature = losses.feature_matching(real_feats, fake_feats) + losses.feature_matching(real_tfeats,
+                                                                                                 fake_tfeats)
+        loss_adv = losses.g_loss(kind, real_logits, fake_logits)
+        loss_tadv = losses.g_loss(kind, real_tlogits, fake_tlogits)
+        loss_temporal = losses.temporal_consistency(fake_stack, real_stack)
+        loss_g = (w.w_pixel * loss_pixel + w.w_feature * loss_feature + w.w_adversarial * loss_adv
+                  + w.w_temporal_adversarial * loss_tadv + w.w_temporal * loss_temporal)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        metrics = {"loss_pixel": loss_pixel.item(), "loss_feature": loss_feature.item(),
+                   "loss_adv": loss_adv.item(), "loss_temporal_adv": loss_tadv.item(),
+                   "loss_temporal": loss_temporal.item()}
 
     # 2. discriminators: real and fake (detached) in one forward each, through DDP
-    logits, _ = d(torch.cat((real.flatten(0, 1), out.detach().flatten(0, 1))))
-    tlogits, _ = dt(torch.cat((real_stack, fake_stack.detach())))
+    logits, _ = d(view(torch.cat((real.flatten(0, 1), out.detach().flatten(0, 1)))))
+    tlogits, _ = dt(view(torch.cat((real_stack, fake_stack.detach()))))
     loss_d = losses.d_loss(kind, *logits.chunk(2)) + losses.d_loss(kind, *tlogits.chunk(2))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    return {"loss_pixel": loss_pixel.item(), "loss_feature": loss_feature.item(), "loss_adv": loss_adv.item(),
-            "loss_temporal_adv": loss_tadv.item(), "loss_temporal": loss_temporal.item(), "loss_d": loss_d.item()}
+    return {**metrics, "loss_d": loss_d.item()}
 
 
 # -- what a stage's generator does to a training clip ------------------------------------------------------

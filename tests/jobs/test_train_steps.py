@@ -91,6 +91,29 @@ def test_fidelity_and_gan_steps_learn(stage):
     assert all(p.requires_grad for p in d.parameters())  # unfrozen after the generator step
 
 
+def test_discriminator_warmup_steps_leave_the_generator_alone():
+    torch.manual_seed(0)
+    spec = tiny_spec("denoise")
+    info = STAGES["denoise"]
+    g = build_generator(spec)
+    d, dt = UNetDiscriminatorSN(features=8), TemporalDiscriminator(frames=3, features=8)
+    lq, hq = batch(spec)
+    opt_g = generator_optimizer(g, spec, gan=True)
+    opt_d = torch.optim.Adam([*d.parameters(), *dt.parameters()], lr=1e-3)
+    g_before = [p.detach().clone() for p in g.parameters()]
+    d_before = [p.detach().clone() for p in d.parameters()]
+    metrics = gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec, info, train_g=False)
+    assert set(metrics) == {"loss_d"} and np.isfinite(metrics["loss_d"])
+    assert all(torch.equal(a, b) for a, b in zip(g_before, g.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, d.parameters()))
+
+
+def test_warmup_must_leave_generator_steps():
+    with pytest.raises(ValueError, match="d-warmup"):
+        TrainSpec(stage="denoise", data="d", out="o", steps=10, gan_steps=20, d_warmup=20)
+    assert TrainSpec(stage="denoise", data="d", out="o", steps=10, gan_steps=20, d_warmup=19).d_warmup == 19
+
+
 def test_fidelity_lr_anneals_from_its_peak_to_a_hundredth():
     spec = TrainSpec(stage="denoise", data="d", out="o", steps=100, gan_steps=0, lr=1e-3)
     lrs = [spec.fidelity_lr(step) for step in range(101)]

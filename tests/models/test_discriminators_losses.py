@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from models.losses import (
     charbonnier,
     d_loss,
+    detail_view,
     feature_matching,
     g_loss,
     hinge_d,
@@ -357,6 +358,26 @@ def test_temporal_consistency_bad_input():
         temporal_consistency(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))
     with pytest.raises(ValueError):
         temporal_consistency(torch.rand(2, 2, 3, 8, 8), torch.rand(2, 3, 3, 8, 8))
+
+
+def test_detail_view_keeps_only_fine_detail_amplified():
+    flat = torch.full((2, 3, 16, 16), 0.4)
+    assert detail_view(flat).abs().max().item() < 1e-6  # no detail in a flat frame
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    ramp = (0.01 * xx + 0.02 * yy).expand(1, 3, 16, 16)
+    # A Gaussian blur leaves a linear ramp unchanged away from the (replicate-padded) border.
+    assert detail_view(ramp)[..., 4:-4, 4:-4].abs().max().item() < 1e-5
+    checker = ((xx + yy) % 2).expand(1, 3, 16, 16) * 0.01  # the finest detail there is, 2.55 levels of 255
+    view = detail_view(checker, gain=16.0)
+    # The blur takes a checkerboard to nearly its mean, so the +-0.005 around it comes out times the gain.
+    assert view[..., 4:-4, 4:-4].abs().mean().item() == pytest.approx(16 * 0.005, rel=0.05)
+    assert torch.allclose(detail_view(checker, gain=32.0), 2 * view)
+    clips = torch.rand(2, 3, 3, 12, 10)  # (B, T, C, H, W): every frame and channel on its own
+    assert torch.allclose(detail_view(clips)[1, 2, 0], detail_view(clips[1, 2, 0:1].unsqueeze(0))[0, 0])
+    with pytest.raises(ValueError):
+        detail_view(torch.rand(8, 8))
+    with pytest.raises(ValueError):
+        detail_view(flat, sigma=0)
 
 
 # --------------------------------------------------------------------- autocast
