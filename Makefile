@@ -3,6 +3,9 @@
 # the project and its dependencies. `make test` also installs Chromium, which renders `reelmend report`'s page
 # headless in tests/jobs/test_report.py.
 PY ?= python3
+# Where torch comes from: empty = pip's configured index (plain PyPI serves the CUDA build); on a CPU-only
+# machine `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build.
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -28,7 +31,7 @@ chromium:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
 	touch $(STAMP)
 

@@ -12,7 +12,9 @@ Metrics, averaged over frames:
   literature reports it; interp2x compares only the frames it made (the odd ones).
 * Sharpness: gradient energy (mean squared luma difference to the right and below neighbours) of the output
   over that of the clean frames. 1.0 is the clean footage's; blurry restorations fall below it. The GAN
-  flavour exists to raise it while staying within 1.5 dB of the fidelity flavour's PSNR.
+  flavour exists to raise it while staying within 1.5 dB of the fidelity flavour's PSNR. Where the damage is
+  local (film damage), only pixels the damage left untouched (and 2 pixels clear of it) count: a scratch left
+  behind adds gradient energy, so over all pixels the measure would favour the restoration that removes less.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Task:
     bar: float  # dB over the best baseline the fidelity flavour must reach (0: strictly above)
     scale: int = 1
     interp: bool = False
+    sharpness_off_damage: bool = False  # local damage: sharpness over the pixels the damage did not touch
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -85,7 +88,8 @@ TASKS: tuple[Task, ...] = (
          {"input": "", "deblock weak": "deblock=filter=weak:block=8", "deblock strong": "deblock=filter=strong:block=8",
           **_denoisers((2, 4, 8), (2, 3, 5, 7))}, bar=0.5),
     Task("descratch film damage", "descratch", _film_damage,
-         {"input": "", "tmedian r=1": "tmedian=radius=1", "tmedian r=2": "tmedian=radius=2"}, bar=0.0),
+         {"input": "", "tmedian r=1": "tmedian=radius=1", "tmedian r=2": "tmedian=radius=2"}, bar=0.0,
+         sharpness_off_damage=True),
     Task("sr2x bicubic ÷2", "sr2x", lambda clip, rng: degrade.bicubic_downscale(clip, 2), _lanczos(2), bar=1.0,
          scale=2),
     Task("sr4x bicubic ÷4", "sr4x", lambda clip, rng: degrade.bicubic_downscale(clip, 4), _lanczos(4), bar=0.7,
@@ -124,9 +128,27 @@ def psnr_per_frame(out: np.ndarray, ref: np.ndarray, y_only: bool, shave: int) -
     return np.minimum(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)), 100.0)  # identical frames: 100 dB
 
 
-def gradient_energy(frames: np.ndarray) -> float:
+def gradient_energy(frames: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """Mean squared luma step to the right and below neighbours; with `keep` (T, H, W bool), over the pairs
+    of pixels both kept."""
     y = luma(frames)
-    return float(((y[:, :, 1:] - y[:, :, :-1]) ** 2).mean() + ((y[:, 1:] - y[:, :-1]) ** 2).mean())
+    dx, dy = (y[:, :, 1:] - y[:, :, :-1]) ** 2, (y[:, 1:] - y[:, :-1]) ** 2
+    if keep is None:
+        return float(dx.mean() + dy.mean())
+    return float(dx[keep[:, :, 1:] & keep[:, :, :-1]].mean() + dy[keep[:, 1:] & keep[:, :-1]].mean())
+
+
+def undamaged(damaged: np.ndarray, clean: np.ndarray, margin: int = 2) -> np.ndarray:
+    """(T, H, W) bool: pixels where `damaged` equals `clean` and no changed pixel lies within `margin` (a
+    square neighbourhood), so the soft edges of the damage and of its repair are left out."""
+    hit = np.any(damaged != clean, axis=-1)
+    padded = np.pad(hit, ((0, 0), (margin, margin), (margin, margin)))
+    near = np.zeros_like(hit)
+    h, w = hit.shape[1:]
+    for dy in range(2 * margin + 1):
+        for dx in range(2 * margin + 1):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    return ~near
 
 
 # -- clean footage ------------------------------------------------------------------------------------------
@@ -191,23 +213,24 @@ def run_task(task: Task, clips: list, work: Path, models: str | None, address: s
              log: Callable[[str], None]) -> dict:
     """Degrade, run the filters' grid and both flavours of the stage (in `work`, a folder of this task's own)."""
     rng = np.random.default_rng(SEED)
-    inputs, refs = {}, {}
+    inputs, refs, keep = {}, {}, {}
     for name, clean, fps in clips:
         if task.interp and len(clean) % 2 == 0:
             clean = clean[:-1]  # odd length: every dropped frame lies between two kept ones
         inputs[name] = (task.damage(clean, rng), fps / 2 if task.interp else fps)
         refs[name] = clean
+        keep[name] = undamaged(inputs[name][0], clean) if task.sharpness_off_damage else None
         write_lossless(inputs[name][0], work / "in" / f"{name}.mkv", inputs[name][1])
 
     def compare(outputs: dict[str, np.ndarray]) -> dict:
         scores, energy, clean_energy = [], [], []
         for name, out in outputs.items():
-            ref = refs[name]
+            ref, mask = refs[name], keep[name]
             if task.interp:  # only the frames it made: 2k+1 between kept frames k and k+1
                 out, ref = out[1:len(ref) - 1:2], ref[1:len(ref) - 1:2]
             scores.append(psnr_per_frame(out, ref, task.y_psnr, task.scale if task.y_psnr else 0))
-            energy.append(gradient_energy(out))
-            clean_energy.append(gradient_energy(ref))
+            energy.append(gradient_energy(out, mask))
+            clean_energy.append(gradient_energy(ref, mask))
         return {"psnr": round(float(np.concatenate(scores).mean()), 3),
                 "sharpness": round(float(np.mean(energy) / np.mean(clean_energy)), 4)}
 

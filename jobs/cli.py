@@ -173,6 +173,9 @@ def resume(
     dest: Annotated[str, typer.Argument(help="The DEST of an earlier `restore`.")],
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    max_attempts: Annotated[Optional[int], typer.Option(
+        help="Raise the job's tries per chunk (all runs counted) to retry videos that failed, once their cause "
+             "is fixed.")] = None,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
@@ -189,7 +192,8 @@ def resume(
         options = _storage_options(storage_options)
         storage.configure(options)  # to read the manifest itself
         spec = Manifest(dest.rstrip("/"), pick_job(dest.rstrip("/"), job_id)).read_spec()
-        spec = JobSpec.model_validate({**spec.model_dump(), "storage_options": options})
+        raised = {"max_attempts": max_attempts} if max_attempts is not None else {}
+        spec = JobSpec.model_validate({**spec.model_dump(), "storage_options": options, **raised})
         return run_job(spec, address=address, progress=progress)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)

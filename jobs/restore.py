@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from jobs.progress import Progress
 from models.chain import check_weights
 from models.geometry import chain_geometry, parse_chain
@@ -20,8 +23,8 @@ from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
 from pipeline.probe import VideoInfo
 from pipeline.schema import TASK_FIELDS
-from pipeline.run import (connect, decode_memory, frame_bytes, largest_node_memory, probe_all, restore_dataset,
-                          stitch_all)
+from pipeline.run import (Tries, connect, decode_memory, frame_bytes, largest_node_memory, probe_all,
+                          restore_dataset, stitch_all)
 
 NO_EVENTS = ChunkState("pending")
 
@@ -115,6 +118,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None
         if _shaping(stored) != _shaping(spec):
             raise ValueError(f"job {job_id} under {spec.dest} was planned with other options; "
                              "use another --job-id or the same options")
+        if spec.max_attempts != stored.max_attempts:  # `resume --max-attempts`: `status` must count the same way
+            manifest.write_spec(spec)
         log(f"resuming job {job_id}")
         connect(address)
     else:
@@ -167,8 +172,11 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
         tasks = [{k: t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
         writer = EventWriter(manifest)
+        # on the driver's node, which lives as long as the job does (a worker node may be lost mid-pass)
+        tries = Tries.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
         try:  # whatever happens, results already back are committed
-            for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root).iter_rows():
+            for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root, tries).iter_rows():
                 ok = not row["error_kind"]
                 writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
                             "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
@@ -190,6 +198,7 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                         f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
         finally:
             writer.flush()
+            ray.kill(tries)
     return chunks, frames
 
 

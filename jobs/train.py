@@ -106,7 +106,7 @@ def watch_progress(run_dir: str, spec: TrainSpec, progress: Progress, updates: Q
     seen = set(checkpoint_names(run_dir))
     log = progress.log
     progress.start(f"training {spec.stage}", total=spec.total_steps, done=start, unit="steps",
-                   detail="{phase}, pixel loss {loss:.4f}", phase="fidelity" if start < spec.steps else "gan")
+                   detail="{phase}, {loss}", phase="fidelity" if start < spec.steps else "gan", loss="starting")
 
     def drain() -> None:
         try:
@@ -114,7 +114,9 @@ def watch_progress(run_dir: str, spec: TrainSpec, progress: Progress, updates: Q
         except Exception:  # noqa: BLE001 - nothing new, or the queue is gone with the run
             latest = []
         for m in latest:  # the pixel loss is the one comparable across both phases
-            progress.update(advance=m["step"] - progress.done, phase=m["phase"], loss=m.get("loss_pixel", 0.0))
+            loss = (f"pixel loss {m['loss_pixel']:.4f}" if "loss_pixel" in m  # --d-warmup: only D trains
+                    else f"discriminator warm-up, its loss {m['loss_d']:.3f}")
+            progress.update(advance=m["step"] - progress.done, phase=m["phase"], loss=loss)
             progress.event("step", **m)
 
     def poll() -> None:

@@ -8,15 +8,22 @@ bytes only, so a tampered checkpoint cannot run code. Ray Train moves the direct
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 TENSORS, META = "state.safetensors", "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not one reelmend wrote, or was changed since: refused, never half-loaded."""
 
 
 @dataclass
@@ -65,10 +72,25 @@ def save(directory: Path, step: int, modules: dict[str, torch.nn.Module | dict[s
                     scalars.setdefault(name, {}).setdefault(str(index), {})[item] = value
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / TENSORS))
-    full = {**meta, "step": step, "optimizers": groups, "optimizer_scalars": scalars}
+    digest = hashlib.sha256((directory / TENSORS).read_bytes()).hexdigest()  # checked on load
+    full = {**meta, "step": step, "optimizers": groups, "optimizer_scalars": scalars, "sha256": digest}
     (directory / META).write_text(json.dumps(full, indent=1, sort_keys=True, default=str))
 
 
 def load(directory: Path) -> TrainState:
-    meta = json.loads((directory / META).read_text())
-    return TrainState(step=int(meta["step"]), tensors=load_file(str(directory / TENSORS)), meta=meta)
+    try:
+        meta = json.loads((directory / META).read_text())
+        blob = (directory / TENSORS).read_bytes()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or unreadable ({err}); "
+                              "delete it to train from the one before") from err
+    if "sha256" in meta and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"checkpoint {directory}: {TENSORS} does not match the sha256 in {META} (modified "
+                              "or damaged after it was written); delete it to train from the one before")
+    try:
+        # safetensors parses a JSON header and raw tensor bytes only: a pickle cannot execute here.
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {directory}: {TENSORS} is not a valid safetensors file ({err}); "
+                              "reelmend refuses pickled or damaged checkpoints") from err
+    return TrainState(step=int(meta["step"]), tensors=tensors, meta=meta)

@@ -79,6 +79,9 @@ def build_step(ref: StepRef, weights: str | None) -> Step:
         detail = " ".join(str(err).split())[:300]
         raise WeightsError(f"weights for '{ref}' do not match {arch.__name__}{card.get('args')}: "
                            f"{detail}") from err
+    if getattr(net, "scale", info.scale) != info.scale:
+        raise WeightsError(f"weights for '{ref}' upscale {net.scale}x, but the stage {ref.stage} is {info.scale}x: "
+                           f"they belong to another stage")
     window = 2 * info.radius + 1
     if isinstance(net, RestorerNet) and net.in_frames != window:
         raise WeightsError(f"weights for '{ref}' read {net.in_frames} frame(s), but the stage gives each frame a "
@@ -274,7 +277,7 @@ def load_chain(steps: str | tuple[str, ...] | list[str], weights: str | None = N
 
 
 def check_weights(steps: str | tuple[str, ...] | list[str], weights: str | None = None) -> None:
-    """Fail before any work starts when a stage of the chain has no weights (WeightsError says what to do)."""
+    """Fail before any work starts when a stage of the chain has no weights, or weights its network cannot
+    take (WeightsError says what to do): every step is built here once, as the restore actors will."""
     for ref in parse_chain(steps):
-        if STAGES[ref.stage].arch is not None:
-            load_state(weights or str(SHIPPED), ref.stage, ref.flavour)
+        build_step(ref, weights)

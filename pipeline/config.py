@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,7 +19,9 @@ VERSION = "0.1.0"
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected value may hold credentials (storage_options), and --verbose prints
+    # the validation error's traceback
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class EncodeSpec(Frozen):
@@ -97,9 +100,13 @@ class JobSpec(Frozen):
         return value.rstrip("/") or "/"
 
     @model_validator(mode="after")
-    def _dest_not_inside_src(self) -> JobSpec:
-        if self.dest == self.src or self.dest.startswith(self.src + "/"):
+    def _dest_apart_from_src(self) -> JobSpec:
+        src, dest = _comparable(self.src), _comparable(self.dest)
+        if dest == src or dest.startswith(src.rstrip("/") + "/"):
             raise ValueError("DEST must not be SRC or lie inside it: the outputs would become inputs")
+        if src.startswith(dest.rstrip("/") + "/"):
+            raise ValueError("SRC must not lie inside DEST: an output could replace its own source (restore into a "
+                             "folder or bucket prefix of its own)")
         return self
 
     def resolved_job_id(self) -> str:
@@ -109,3 +116,13 @@ class JobSpec(Frozen):
         shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
         digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
         return f"job-{digest[:12]}"
+
+
+def _comparable(uri: str) -> str:
+    """A URI as the containment check compares it: local paths absolute and normalised (`./raw`, `raw/`,
+    `file:///d/raw` and `/d/raw/.` are one folder), object-store URIs as written."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    elif "://" in uri:
+        return uri.rstrip("/")
+    return os.path.realpath(os.path.expanduser(uri))

@@ -106,6 +106,9 @@ def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes
         proc.wait()
     finally:
         timer.cancel()
+        if proc.poll() is None:  # interrupted here (Ctrl-C, a task cancelled): FFmpeg must not outlive its reader
+            proc.kill()
+            proc.wait()
         for t in threads:
             t.join(timeout=10)
     stderr = b"".join(err_tail)
@@ -348,6 +351,10 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
         # in microseconds it falls between them.
         cut = (f"settb=AVTB,trim=start={window.start:.6f}" + (f":end={window.end:.6f}" if window.end is not None
                                                                else "") + ",")
+        # for the timeout, the frames decoded from the keyframe up to the chunk (a long GOP: seconds of them),
+        # at 240 fps at most
+        lead = seek - (window.seek or 0.0) if window.copyts else window.start
+        frames_before = int(max(0.0, lead) * 240)
     args += ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
              "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
              "-pix_fmt", pix_fmt, "-f", "rawvideo", "pipe:1"]

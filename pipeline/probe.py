@@ -184,10 +184,12 @@ def _probe(src: str) -> VideoInfo:
         raise ProbeError(f"declared frame size {width}x{height} is beyond what reelmend restores (at most "
                          f"{MAX_SIDE} pixels a side and {MAX_PIXELS // 10**6} megapixels)")
     duration = float(fmt.get("duration") or video.get("duration") or 0.0)
-    # ffprobe reads the whole stream (over HTTP too): 1 ms a packet, for up to 240 packets a second of video
+    # ffprobe reads the whole stream (over HTTP too): 1 ms a packet, for up to 240 packets a second of video,
+    # plus a second per MB read (a declared duration may be missing or wrong; DV or ProRes is ~30 MB a second)
+    size = int(fmt.get("size") or 0)
     try:
         times, _ = ffmpeg.packet_times(src, int(video["index"]),
-                                       timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 1000.0))
+                                       timeout=ffmpeg.work_timeout(int(duration * 240) + 1000, 1, 1000.0) + size / 1e6)
     except ffmpeg.FFmpegError as err:
         raise ProbeError(f"the video stream's packets cannot be read ({err.detail})") from err
     n_frames = len(times)

@@ -12,7 +12,7 @@ from ray.data import ActorPoolStrategy
 from pipeline import storage
 from pipeline.config import JobSpec
 from pipeline.probe import ProbeError, VideoInfo, probe
-from pipeline.stages import RestoreStage, decode_chunk, encode_chunk
+from pipeline.stages import PROCESS_RETRIES, RestoreStage, decode_chunk, encode_chunk, lost_reason
 from pipeline.stitch import stitch_video
 
 
@@ -75,7 +75,23 @@ def largest_node_memory(cpus: float) -> float:
                 if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus), default=0.0)
 
 
-@ray.remote(num_cpus=0.5, max_retries=3)
+@ray.remote(num_cpus=0)
+class Tries:
+    """How often each chunk has started in each stage during one pass, counted across processes. Ray runs the
+    task of a process that died again, without limit in Ray Data (its default, which a node lost mid-job
+    needs); a chunk that kills every worker it lands on would so hang the job. The stages ask here first and
+    fail such a chunk as "lost" once it has started PROCESS_RETRIES + 1 times (`stages.lost_reason`); the
+    job's --max-attempts then decide, as for any other failure."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key]
+
+
+@ray.remote(num_cpus=0.5, max_retries=PROCESS_RETRIES)
 def _probe_task(uri: str, storage_options: dict) -> VideoInfo | str:
     """A VideoInfo, or the one-line reason the file cannot be restored."""
     storage.configure(storage_options)
@@ -93,11 +109,14 @@ def probe_all(uris: list[str], storage_options: dict | None = None) -> Iterator[
     options = ray.put(storage_options or {})
     refs = [_probe_task.remote(uri, options) for uri in uris]
     for uri, ref in zip(uris, refs):
-        yield uri, ray.get(ref)
+        try:
+            yield uri, ray.get(ref)
+        except ray.exceptions.RayError:  # its process died every time: this input's failure, not the job's
+            yield uri, f"cannot be probed: {lost_reason('probe')}"
 
 
 def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
-                    segments_root: str) -> ray.data.Dataset:
+                    segments_root: str, tries: ray.actor.ActorHandle) -> ray.data.Dataset:
     """decode -> restore -> encode over the given chunk rows; each output row is a chunk's result (no frames).
 
     One chunk per block and per batch: chunks of different videos differ in size and bit depth, and a chunk
@@ -117,23 +136,22 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
     options = spec.storage_options  # passed as arguments, never through environment variables Ray displays
-    ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options}, num_cpus=res.decode_cpus,
+    ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options, "tries": tries}, num_cpus=res.decode_cpus,
                 memory=decode_memory(decode_bytes))
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
     ds = ds.map_batches(
         RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models, "storage_options": options,
-                                             "threads": max(1, int(res.restore_cpus))},
+                                             "threads": max(1, int(res.restore_cpus)), "tries": tries},
         batch_size=1, batch_format="numpy", num_cpus=res.restore_cpus, num_gpus=gpus,
         compute=ActorPoolStrategy(min_size=res.restore_actors_min, max_size=res.restore_actors_max))
     # encode: CPU tasks, FFmpeg -> one video-only segment per chunk in the job area
     ds = ds.map(encode_chunk, fn_kwargs={"encode": spec.encode, "segments_root": segments_root,
-                                         "storage_options": options,
-                                         "temporal": temporal},
+                                         "storage_options": options, "temporal": temporal, "tries": tries},
                 num_cpus=res.encode_cpus)
     return ds
 
 
-@ray.remote(num_cpus=1, max_retries=3)
+@ray.remote(num_cpus=1, max_retries=PROCESS_RETRIES)
 def _stitch_task(storage_options: dict, **kwargs) -> int | str:
     """The output's frame count, or the one-line reason the stitch failed."""
     storage.configure(storage_options)
@@ -150,4 +168,7 @@ def stitch_all(jobs: dict[str, dict], storage_options: dict | None = None) -> It
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield refs[done[0]], ray.get(done[0])
+        try:
+            yield refs[done[0]], ray.get(done[0])
+        except ray.exceptions.RayError:  # its process died every time: this video's failure, not the job's
+            yield refs[done[0]], lost_reason("stitch")

@@ -22,24 +22,47 @@ from pipeline.probe import VideoInfo
 EMPTY = np.zeros((0, 1, 1, 3), dtype=np.uint8)
 
 # Ray Data retries a task and restarts an actor whose process or node died (system failures); a chunk that
-# fails by itself (bad input, encoder error) is retried by the driver, up to --max-attempts.
+# fails by itself (bad input, encoder error) is retried by the driver, up to --max-attempts. A chunk whose
+# process keeps dying is failed as "lost" when it starts for the (PROCESS_RETRIES + 2)th time in one pass
+# (`run.Tries` counts), where Ray alone would run it again forever.
+PROCESS_RETRIES = 2
+
+
+def lost_reason(what: str) -> str:
+    return (f"the worker process running this {what} died {PROCESS_RETRIES + 1} times (a crash, a kill for memory "
+            f"or a lost node); see `ray logs` on its node")
+
+
+def _lost(stage: str, row: dict[str, Any], tries) -> bool:
+    """Count this start of the chunk in `stage`; True when its process has died too often already."""
+    if tries is None:  # run outside a job (tests of one stage)
+        return False
+    import ray
+
+    try:
+        starts = ray.get(tries.start.remote(f"{stage}/{row['video_id']}/{int(row['chunk_index'])}"), timeout=60)
+    except (ray.exceptions.RayError, TimeoutError):  # the counter is gone with the driver: count nothing
+        return False
+    return starts > PROCESS_RETRIES + 1
 
 
 def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _failed(row: dict[str, Any], kind: str, err: BaseException) -> dict[str, Any]:
+def _failed(row: dict[str, Any], kind: str, err: BaseException | str) -> dict[str, Any]:
     message = " ".join(str(err).split()) or type(err).__name__
     return {**row, "frames": EMPTY, "error_kind": kind, "error_message": message[:2000], "worker": _worker()}
 
 
-def decode_chunk(row: dict[str, Any], *, storage_options: dict) -> dict[str, Any]:
+def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None) -> dict[str, Any]:
     """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
     sources deeper than 8 bits)."""
     storage.configure(storage_options)
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
            "frames_out": 0, "segment_uri": "", "worker": _worker()}
+    if _lost("decode", row, tries):
+        return _failed(row, "lost", f"decode: {lost_reason('chunk')}")
     try:
         faults.maybe_fail("decode", row)
         info = VideoInfo.model_validate_json(row["probe_json"])
@@ -59,9 +82,11 @@ class RestoreStage:
 
     Declared with one CPU, and one GPU per actor when the cluster has GPUs (`pipeline.run`)."""
 
-    def __init__(self, chain: tuple[str, ...], models: str | None, storage_options: dict, threads: int = 1):
+    def __init__(self, chain: tuple[str, ...], models: str | None, storage_options: dict, threads: int = 1,
+                 tries=None):
         import torch
 
+        self.tries = tries
         storage.configure(storage_options)  # --models may be a bucket
 
         from models.chain import load_chain
@@ -74,7 +99,8 @@ class RestoreStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row = {k: v[0] for k, v in batch.items()}
         if not row["error_kind"]:
-            row = self._restore(row)
+            lost = _lost("restore", row, self.tries)
+            row = _failed(row, "lost", f"restore: {lost_reason('chunk')}") if lost else self._restore(row)
         return {k: _one(v) for k, v in row.items()}
 
     def _restore(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -138,10 +164,12 @@ def _one(value: Any) -> np.ndarray:
 
 
 def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str, temporal: int,
-                 storage_options: dict) -> dict[str, Any]:
+                 storage_options: dict, tries=None) -> dict[str, Any]:
     """CPU task: encode the restored frames to a video-only segment in the job area; drop the frames."""
     storage.configure(storage_options)
-    if not row["error_kind"]:
+    if not row["error_kind"] and _lost("encode", row, tries):
+        row = _failed(row, "lost", f"encode: {lost_reason('chunk')}")
+    elif not row["error_kind"]:
         try:
             faults.maybe_fail("encode", row)
             row = _encode(row, encode, segments_root, temporal)

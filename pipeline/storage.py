@@ -173,9 +173,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = _hidden_tmp(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:  # a failed write (disk full) leaves no hidden temporary behind
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
     else:
         fs.pipe_file(path, data)  # a single PUT: object stores publish whole objects
 
@@ -301,8 +305,12 @@ def publish(local: Path, uri: str) -> None:
             os.replace(local, path)
         except OSError:  # another filesystem: copy beside the target, then rename
             tmp = _hidden_tmp(path)
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
+            try:
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
     else:
         fs.put_file(str(local), path)
 
@@ -332,7 +340,10 @@ def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
 def _presigned_url(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """An HTTP(S) URL FFmpeg can read with range requests, when the filesystem can sign one (s3fs, gcsfs)."""
     try:
-        url = fs.url(path, expires=3600)
+        # Valid for the longest single FFmpeg read (a packet scan or stitch of a long source over HTTP, which
+        # reconnects with the same URL); never logged (FFmpeg's errors are redacted). Temporary credentials
+        # (an instance profile's) may end it sooner.
+        url = fs.url(path, expires=6 * 3600)
     except (NotImplementedError, AttributeError, TypeError):
         return None
     return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None

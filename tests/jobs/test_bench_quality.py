@@ -8,7 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from jobs.bench_quality import TASKS, bench_quality, gradient_energy, markdown_table, padded_for, psnr_per_frame
+from jobs.bench_quality import (TASKS, bench_quality, gradient_energy, markdown_table, padded_for, psnr_per_frame,
+                                undamaged)
 from models import degrade
 from pipeline import ffmpeg
 
@@ -33,6 +34,22 @@ def test_gradient_energy_falls_with_blur(clips):
                                   height=272, high_depth=False, matrix="bt709", full_range=None)
     blurred = degrade.gaussian_blur(frames, 1.5, 1.5, 0.0)
     assert gradient_energy(blurred) < 0.6 * gradient_energy(frames)
+
+
+def test_sharpness_off_damage_ignores_what_the_damage_touched(clips):
+    """Film damage is local: a scratch a restoration leaves behind adds gradient energy, so descratch's sharpness
+    counts only the pixels the damage left alone (and 2 pixels clear of it), where it is detail kept or lost."""
+    frames = ffmpeg.decode_frames(str(clips / "bikes.mp4"), stream_index=0, seek=4.0, n_frames=3, width=640,
+                                  height=272, high_depth=False, matrix="bt709", full_range=None)
+    damaged = frames.copy()
+    damaged[:, :, 300:302] = 255  # a bright two-pixel scratch through every frame
+    keep = undamaged(damaged, frames)
+    assert not keep[:, :, 298:304].any() and keep[:, :, :298].all() and keep[:, :, 304:].all()
+    assert gradient_energy(damaged) > 1.05 * gradient_energy(frames)  # over all pixels the scratch counts as detail
+    assert gradient_energy(damaged, keep) == pytest.approx(gradient_energy(frames, keep))
+    blurred = degrade.gaussian_blur(frames, 1.5, 1.5, 0.0)
+    assert gradient_energy(blurred, keep) < 0.6 * gradient_energy(frames, keep)
+    assert next(t for t in TASKS if t.stage == "descratch").sharpness_off_damage
 
 
 def test_filter_baselines_keep_frames_aligned(clips):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from conftest import make_clip
 from typer.testing import CliRunner
 
@@ -17,6 +21,7 @@ def run(*args: str):
 def test_bad_specs_exit_2_and_write_nothing(tmp_path):
     src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
     dest = tmp_path / "out"
+    before = [p.name for p in tmp_path.iterdir()]
     cases = [
         (["--chain", "denoise,sr3x"], "unknown stage 'sr3x'"),
         (["--crf", "60"], "--crf 60 is out of range for h264"),
@@ -33,8 +38,31 @@ def test_bad_specs_exit_2_and_write_nothing(tmp_path):
         assert not dest.exists()
     result = run("restore", str(src), str(src / "inside"))
     assert result.exit_code == 2 and "must not be SRC or lie inside it" in " ".join(result.output.split())
+    # the same folder written another way, and the other direction (an output could replace its own source)
+    for other_src, other_dest in ((f"file://{src}/", f"{src}/./restored"), (str(src), f"{src}/sub/.."),
+                                  (str(next(src.iterdir())), str(src)), (str(src), str(tmp_path))):
+        result = run("restore", other_src, other_dest)
+        assert result.exit_code == 2, (other_src, other_dest, result.output)
+        assert "must not" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
     result = run("restore", str(tmp_path / "missing"), str(dest))
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_a_rejected_spec_never_prints_its_credentials(tmp_path):
+    """pydantic puts the rejected value in its message; --verbose prints the traceback: neither may show a secret."""
+    src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    secret = "s3cr3t-42"  # short: pydantic elides the middle of a long value, which would hide a leak here
+    options = tmp_path / "store.json"
+    options.write_text(f'{{"S3": {{"key": "AKIA1", "secret": "{secret}"}}}}')
+    reelmend = str(Path(sys.executable).with_name("reelmend"))  # a real process: what the terminal shows
+    for verbose in ([], ["--verbose"]):
+        result = subprocess.run([reelmend, "restore", str(src), str(tmp_path / "out"), "--storage-options",
+                                 f"@{options}", *verbose], capture_output=True, text=True, timeout=120)
+        shown = result.stdout + result.stderr
+        assert result.returncode == 2, shown
+        assert "not a protocol name" in shown and ("Traceback" in shown) == bool(verbose)
+        assert secret not in shown and "AKIA1" not in shown
 
 
 def test_status_and_resume_of_a_folder_without_a_job(tmp_path):

@@ -37,7 +37,7 @@ def test_a_chunk_that_keeps_failing_fails_its_video_alone(tmp_path, ray_address,
     make_clip(src / "broken.mkv", frames=40, extra=("-c:v", "ffv1"))
     make_clip(src / "fine.mkv", frames=40, extra=("-c:v", "ffv1"))
     inject([{"stage": "restore", "rel_path": "flaky.mkv", "chunk_index": 1, "kind": "raise", "times": 1},
-            {"stage": "restore", "rel_path": "broken.mkv", "chunk_index": 2, "kind": "raise"}])
+            {"stage": "restore", "rel_path": "broken.mkv", "chunk_index": 2, "kind": "raise", "times": 2}])
     dest = tmp_path / "out"
     result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10",
                  "--max-attempts", "2")
@@ -63,6 +63,17 @@ def test_a_chunk_that_keeps_failing_fails_its_video_alone(tmp_path, ray_address,
     assert again.exit_code == 3
     assert len(chunk_events(dest)) == len(events)
 
+    # its cause fixed (the fault fired its two times), a resume with a larger budget retries only that chunk
+    again = cli("resume", str(dest), "--max-attempts", "3")
+    assert again.exit_code == 0, again.output
+    assert status(dest)["broken.mkv"]["status"] == "done"
+    assert np.array_equal(decode(dest / "broken.mkv"), decode(src / "broken.mkv"))
+    after = chunk_events(dest)
+    new = [(e["video_id"], e["chunk_index"], e["status"]) for e in after if e["attempt"] == 3]
+    assert len(after) == len(events) + 2 and sorted(new) == [(video_id("broken.mkv"), 2, "done"),
+                                                            (video_id("broken.mkv"), 2, "running")]
+    assert cli("status", str(dest)).exit_code == 0  # and status counts with the raised budget
+
 
 def test_a_worker_process_that_dies_mid_chunk_is_replaced(tmp_path, ray_address, inject):
     src = tmp_path / "in"
@@ -75,6 +86,26 @@ def test_a_worker_process_that_dies_mid_chunk_is_replaced(tmp_path, ray_address,
     assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
     done = [e for e in chunk_events(dest) if e["status"] == "done"]
     assert sorted(e["chunk_index"] for e in done) == [0, 1, 2, 3]  # each recorded done once
+
+
+def test_a_chunk_that_kills_its_worker_every_time_fails_its_video_instead_of_hanging(tmp_path, ray_address, inject):
+    """Ray Data would run such a chunk again forever (its default for a dead process); reelmend bounds that,
+    records the attempt as lost, and the job's own --max-attempts decide, as for any other failure."""
+    src = tmp_path / "in"
+    make_clip(src / "killer.mkv", frames=20, extra=("-c:v", "ffv1"))
+    make_clip(src / "fine.mkv", frames=20, extra=("-c:v", "ffv1"))
+    inject([{"stage": "restore", "rel_path": "killer.mkv", "chunk_index": 1, "kind": "crash"}])
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10",
+                 "--max-attempts", "2")
+    assert result.exit_code == 3, result.output
+    videos = status(dest)
+    assert videos["fine.mkv"]["status"] == "done"
+    assert np.array_equal(decode(dest / "fine.mkv"), decode(src / "fine.mkv"))
+    assert videos["killer.mkv"]["status"] == "failed" and not (dest / "killer.mkv").exists()
+    assert "chunk 1: lost" in videos["killer.mkv"]["reason"] and "died 3 times" in videos["killer.mkv"]["reason"]
+    failed = [(e["chunk_index"], e["attempt"], e["error_kind"]) for e in chunk_events(dest) if e["status"] == "failed"]
+    assert sorted(failed) == [(1, 1, "lost"), (1, 2, "lost")]
 
 
 def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path, ray_address, inject):

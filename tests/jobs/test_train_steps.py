@@ -206,3 +206,35 @@ def test_pool_variant_patches_stay_aligned_with_their_targets():
         assert np.array_equal(block_mean(hq_patch), lq_patch)
         seen.add(lq_patch.tobytes())
     assert len(seen) == 12  # a different patch or orientation each time
+
+
+def test_training_checkpoints_round_trip_and_refuse_pickles_and_tampering(tmp_path):
+    import pickle
+
+    from jobs import train_checkpoint
+
+    spec = tiny_spec("denoise")
+    g = build_generator(spec)
+    opt = generator_optimizer(g, spec, gan=False)
+    for param in g.parameters():
+        param.grad = torch.full_like(param, 0.1)
+    opt.step()  # the optimiser now holds moment tensors, which the checkpoint must carry
+    train_checkpoint.save(tmp_path / "ok", 7, {"g": g}, {"opt_g": opt}, {"history": []})
+    state = train_checkpoint.load(tmp_path / "ok")
+    assert state.step == 7 and all(torch.equal(state.module("g")[k], v) for k, v in g.state_dict().items())
+    restored = generator_optimizer(build_generator(spec), spec, gan=False)
+    restored.load_state_dict(state.optimizer("opt_g"))  # the moments come back exactly
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    blob = bytearray((tmp_path / "ok" / train_checkpoint.TENSORS).read_bytes())
+    blob[-4] ^= 0xFF  # one flipped byte in a weight: still a valid file, no longer the one written
+    (tmp_path / "ok" / train_checkpoint.TENSORS).write_bytes(bytes(blob))
+    with pytest.raises(train_checkpoint.CheckpointError, match="does not match the sha256"):
+        train_checkpoint.load(tmp_path / "ok")
+
+    train_checkpoint.save(tmp_path / "pickled", 7, {"g": g}, {}, {})
+    (tmp_path / "pickled" / train_checkpoint.TENSORS).write_bytes(pickle.dumps({"g.weight": torch.zeros(3)}))
+    meta = tmp_path / "pickled" / train_checkpoint.META
+    meta.write_text(meta.read_text().replace('"sha256"', '"was_sha256"'))  # even with its digest removed
+    with pytest.raises(train_checkpoint.CheckpointError, match="not a valid safetensors"):
+        train_checkpoint.load(tmp_path / "pickled")

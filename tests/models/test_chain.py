@@ -84,6 +84,18 @@ def test_weights_for_another_window_are_refused(tmp_path):
         load_chain("denoise", str(tmp_path))
     with pytest.raises(WeightsError, match="read 1 frame.*window of 5.*reelmend train deblock"):
         load_chain("deblock", str(tmp_path))
+    # the driver's check before any work starts builds every step as the actors will: it refuses them too
+    with pytest.raises(WeightsError, match="read 1 frame"):
+        check_weights("deblock", str(tmp_path))
+
+
+def test_weights_of_another_scale_are_refused_before_work_starts(tmp_path):
+    """sr2x's files renamed sr4x load into a 2x network: without a check every chunk would fail mid-job."""
+    write_tiny_weights(tmp_path, "sr2x")
+    for ext in ("safetensors", "json"):
+        (tmp_path / f"sr4x.{ext}").write_bytes((tmp_path / f"sr2x.{ext}").read_bytes())
+    with pytest.raises(WeightsError, match="upscale 2x, but the stage sr4x is 4x"):
+        check_weights("sr4x", str(tmp_path))
 
 
 class _Trap:
