@@ -134,7 +134,8 @@ def restore(
     crf: Annotated[int, typer.Option(help="Constant rate factor of the lossy encoder.")] = 18,
     codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
-    max_attempts: Annotated[int, typer.Option(help="Tries per chunk before its video fails.")] = 3,
+    max_attempts: Annotated[Optional[int], typer.Option(
+        help="Tries per chunk before its video fails (all runs counted) [default: 3, or what the job has]")] = None,
     actors: Annotated[str, typer.Option(help="Restore actor pool size, MIN:MAX (autoscales between them) or N.")] = "1",
     restore_gpus: Annotated[Optional[float], typer.Option(help="GPUs per restore actor (default: 1 when the cluster has GPUs, else 0).")] = None,
     restore_cpus: Annotated[float, typer.Option(help="CPUs per restore actor (its torch threads).")] = 1.0,
@@ -157,9 +158,10 @@ def restore(
         resources = ResourceSpec(restore_actors_min=int(low), restore_actors_max=int(high),
                                  restore_gpus=restore_gpus, restore_cpus=restore_cpus, decode_cpus=decode_cpus,
                                  encode_cpus=encode_cpus)
+        given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       max_attempts=max_attempts, encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless),
-                       resources=resources, storage_options=_storage_options(storage_options))
+                       encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
+                       storage_options=_storage_options(storage_options), **given)
         return run_job(spec, address=address, progress=progress)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
@@ -174,8 +176,8 @@ def resume(
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
     max_attempts: Annotated[Optional[int], typer.Option(
-        help="Raise the job's tries per chunk (all runs counted) to retry videos that failed, once their cause "
-             "is fixed.")] = None,
+        help="Set the job's tries per chunk (all runs counted): raise it to retry videos that failed, once "
+             "their cause is fixed.")] = None,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,

@@ -7,6 +7,7 @@ times, then the stitch of every video whose chunks are all done.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
+    if not manifest.has_plan():
+        spec.check_apart()  # before anything is written under DEST
     with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
         try:
             result = _run_job(spec, job_id, manifest, address, progress, held)
@@ -118,7 +121,9 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None
         if _shaping(stored) != _shaping(spec):
             raise ValueError(f"job {job_id} under {spec.dest} was planned with other options; "
                              "use another --job-id or the same options")
-        if spec.max_attempts != stored.max_attempts:  # `resume --max-attempts`: `status` must count the same way
+        if "max_attempts" not in spec.model_fields_set:  # a re-run `restore` keeps the budget a resume set
+            spec = spec.model_copy(update={"max_attempts": stored.max_attempts})
+        elif spec.max_attempts != stored.max_attempts:  # `--max-attempts`: `status` must count the same way
             manifest.write_spec(spec)
         log(f"resuming job {job_id}")
         connect(address)
@@ -198,7 +203,8 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                         f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
         finally:
             writer.flush()
-            ray.kill(tries)
+            with contextlib.suppress(Exception):  # the connection may be gone with what is being raised
+                ray.kill(tries)
     return chunks, frames
 
 

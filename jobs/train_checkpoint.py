@@ -83,10 +83,10 @@ def load(directory: Path) -> TrainState:
         blob = (directory / TENSORS).read_bytes()
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {directory} is incomplete or unreadable ({err}); "
-                              "delete it to train from the one before") from err
+                              "train into a new --out, with --init from exported weights") from err
     if "sha256" in meta and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint {directory}: {TENSORS} does not match the sha256 in {META} (modified "
-                              "or damaged after it was written); delete it to train from the one before")
+                              "or damaged after it was written); train into a new --out, with --init from exported weights")
     try:
         # safetensors parses a JSON header and raw tensor bytes only: a pickle cannot execute here.
         tensors = load_safetensors_bytes(blob)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,21 @@ def save_weights(net: torch.nn.Module, folder: str, stage: str, flavour: str, ar
     full_card["sha256"] = hashlib.sha256(blob).hexdigest()  # checked on load: a modified file is refused
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/{name}.safetensors", "wb") as f:
-        f.write(blob)
-    with fs.open(f"{root}/{name}.json", "w") as f:
-        json.dump(full_card, f, indent=2, sort_keys=True)
+    # Both files are written under temporary names, then moved into place back to back (tensors, then card): a
+    # failed write leaves the previous pair as it was, and a reader never sees half a file. (A reader between
+    # the two moves sees new tensors with the old card: refused by the sha256 check, never loaded wrong.)
+    card_text = json.dumps(full_card, indent=2, sort_keys=True).encode()
+    moves = [(f"{root}/.{name}.{uuid.uuid4().hex[:8]}.tmp", final, data)
+             for final, data in ((f"{root}/{name}.safetensors", blob), (f"{root}/{name}.json", card_text))]
+    try:
+        for tmp, _, data in moves:
+            fs.pipe_file(tmp, data)
+        for tmp, final, _ in moves:
+            fs.mv(tmp, final)
+    finally:
+        for tmp, _, _ in moves:
+            if fs.exists(tmp):
+                fs.rm(tmp)
     return f"{folder.rstrip('/')}/{name}.safetensors"
 
 

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Literal
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.geometry import parse_chain
@@ -99,15 +101,18 @@ class JobSpec(Frozen):
     def _strip_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/") or "/"
 
-    @model_validator(mode="after")
-    def _dest_apart_from_src(self) -> JobSpec:
-        src, dest = _comparable(self.src), _comparable(self.dest)
+    def check_apart(self) -> None:
+        """Refuse SRC and DEST that overlap, either way: outputs would become inputs, or replace their own
+        sources. Checked when a job is created (not on reading job.json: jobs made before this check stay
+        readable)."""
+        (src_fs, src), (dest_fs, dest) = _comparable(self.src), _comparable(self.dest)
+        if src_fs != dest_fs:
+            return
         if dest == src or dest.startswith(src.rstrip("/") + "/"):
             raise ValueError("DEST must not be SRC or lie inside it: the outputs would become inputs")
         if src.startswith(dest.rstrip("/") + "/"):
             raise ValueError("SRC must not lie inside DEST: an output could replace its own source (restore into a "
                              "folder or bucket prefix of its own)")
-        return self
 
     def resolved_job_id(self) -> str:
         """The given id, or one derived from everything that shapes the output, so re-running resumes."""
@@ -118,11 +123,15 @@ class JobSpec(Frozen):
         return f"job-{digest[:12]}"
 
 
-def _comparable(uri: str) -> str:
-    """A URI as the containment check compares it: local paths absolute and normalised (`./raw`, `raw/`,
-    `file:///d/raw` and `/d/raw/.` are one folder), object-store URIs as written."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    elif "://" in uri:
-        return uri.rstrip("/")
-    return os.path.realpath(os.path.expanduser(uri))
+def _comparable(uri: str) -> tuple[str, str]:
+    """(filesystem, path) as fsspec resolves `uri`: local paths absolute and normalised (`./raw`, `raw/`,
+    `file:///d/raw`, `file:/d/raw` and `/d/raw/.` are one folder); `gs://` and `gcs://` one store."""
+    protocol, _ = fsspec.core.split_protocol(uri)
+    try:
+        cls = fsspec.get_filesystem_class(protocol or "file")
+    except (ImportError, ValueError):  # a store whose library is absent fails later, with its own message
+        return protocol or "", uri.rstrip("/")
+    path = cls._strip_protocol(uri)
+    if issubclass(cls, LocalFileSystem):
+        return "local", os.path.realpath(os.path.expanduser(path))
+    return cls.__name__, str(path).rstrip("/")

@@ -75,13 +75,17 @@ def largest_node_memory(cpus: float) -> float:
                 if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= cpus), default=0.0)
 
 
+# What a task whose process kept dying raises once its retries are spent (a crash, the memory monitor's kill).
+DIED = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
+
+
 @ray.remote(num_cpus=0)
 class Tries:
     """How often each chunk has started in each stage during one pass, counted across processes. Ray runs the
     task of a process that died again, without limit in Ray Data (its default, which a node lost mid-job
     needs); a chunk that kills every worker it lands on would so hang the job. The stages ask here first and
-    fail such a chunk as "lost" once it has started PROCESS_RETRIES + 1 times (`stages.lost_reason`); the
-    job's --max-attempts then decide, as for any other failure."""
+    fail such a chunk as "lost" when it starts for the (PROCESS_RETRIES + 2)th time (`stages.lost_reason`);
+    the job's --max-attempts then decide, as for any other failure."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -111,8 +115,9 @@ def probe_all(uris: list[str], storage_options: dict | None = None) -> Iterator[
     for uri, ref in zip(uris, refs):
         try:
             yield uri, ray.get(ref)
-        except ray.exceptions.RayError:  # its process died every time: this input's failure, not the job's
-            yield uri, f"cannot be probed: {lost_reason('probe')}"
+        except DIED as err:  # its process died every time: this input's failure, not the job's (any other
+            # Ray error, a cluster problem, stops the run before a plan is written: the next run probes again)
+            yield uri, f"cannot be probed: {lost_reason('probe')} ({type(err).__name__})"
 
 
 def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
@@ -170,5 +175,5 @@ def stitch_all(jobs: dict[str, dict], storage_options: dict | None = None) -> It
         done, pending = ray.wait(pending, num_returns=1)
         try:
             yield refs[done[0]], ray.get(done[0])
-        except ray.exceptions.RayError:  # its process died every time: this video's failure, not the job's
-            yield refs[done[0]], lost_reason("stitch")
+        except DIED as err:  # its process died every time: this attempt's failure, not the job's
+            yield refs[done[0]], f"{lost_reason('stitch')} ({type(err).__name__})"

@@ -8,6 +8,7 @@ stages pass it through, and the driver records the failure in the manifest.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -41,7 +42,9 @@ def _lost(stage: str, row: dict[str, Any], tries) -> bool:
 
     try:
         starts = ray.get(tries.start.remote(f"{stage}/{row['video_id']}/{int(row['chunk_index'])}"), timeout=60)
-    except (ray.exceptions.RayError, TimeoutError):  # the counter is gone with the driver: count nothing
+    except (ray.exceptions.RayError, TimeoutError) as err:  # the counter is gone with the driver: count nothing
+        logging.getLogger(__name__).warning("cannot count the starts of chunk %s of %s (%s): not counted",
+                                            row["chunk_index"], row["video_id"], type(err).__name__)
         return False
     return starts > PROCESS_RETRIES + 1
 

@@ -73,6 +73,10 @@ def test_a_chunk_that_keeps_failing_fails_its_video_alone(tmp_path, ray_address,
     assert len(after) == len(events) + 2 and sorted(new) == [(video_id("broken.mkv"), 2, "done"),
                                                             (video_id("broken.mkv"), 2, "running")]
     assert cli("status", str(dest)).exit_code == 0  # and status counts with the raised budget
+    # the original command run again (without --max-attempts) keeps the budget the resume set
+    assert cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10").exit_code == 0
+    (job,) = (dest / "_reelmend").iterdir()
+    assert json.loads((job / "job.json").read_text())["max_attempts"] == 3
 
 
 def test_a_worker_process_that_dies_mid_chunk_is_replaced(tmp_path, ray_address, inject):

@@ -60,6 +60,15 @@ def test_missing_weights_are_refused_with_what_to_do(tmp_path):
     check_weights("identity")  # no model, nothing to load
 
 
+def test_exported_weights_replace_the_pair_whole(tmp_path):
+    """Written under temporary names and moved into place (tensors first, card last): nothing else is left
+    behind, and a second export replaces the pair, which loads (its card vouches for its tensors)."""
+    write_tiny_weights(tmp_path, "denoise")
+    write_tiny_weights(tmp_path, "denoise", perturb=0.1, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoise.json", "denoise.safetensors"]
+    load_chain("denoise", str(tmp_path))
+
+
 def test_pickled_or_mismatched_checkpoints_are_refused(tmp_path):
     write_tiny_weights(tmp_path, "denoise")
     # Replace the tensors by a pickle (what torch.save writes): loading must refuse it, never unpickle.
