@@ -303,6 +303,7 @@ def train(
     adversarial: Annotated[str, typer.Option(help="GAN loss: hinge or relativistic (ESRGAN's RaGAN).")] = "hinge",
     w_adversarial: Annotated[float, typer.Option(help="Weight of the per-frame adversarial term (GAN phase).")] = 0.05,
     w_feature: Annotated[float, typer.Option(help="Weight of feature matching on the discriminators' features (GAN phase).")] = 1.0,
+    sharpen_target: Annotated[float, typer.Option(help="GAN phase: unsharp-mask the pixel loss's target by this amount (Real-ESRGAN's gt_usm; 0: off).")] = 0.0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
     pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
@@ -332,7 +333,7 @@ def train(
                          batch=batch, patch=patch, lr=lr, lr_schedule=lr_schedule, gan_lr=gan_lr,
                          d_lr=d_lr, d_features=d_features, d_warmup=d_warmup, checkpoint_every=checkpoint_every,
                          loss=LossSpec(adversarial=adversarial, w_adversarial=w_adversarial, w_feature=w_feature,
-                                       d_view=d_view),
+                                       d_view=d_view, sharpen_target=sharpen_target),
                          source_scale=source_scale, pool_clips=pool_clips, pool_variants=pool_variants, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))

@@ -34,6 +34,9 @@ class LossSpec(Frozen):
     # What the discriminators look at (models.losses.detail_view): "detail", the frames' fine detail amplified,
     # or "rgb", the frames as they are (every `:gan` flavour shipped before 2026-11-23 was trained so).
     d_view: Literal["detail", "rgb"] = "detail"
+    # GAN phase: the pixel loss's target is the clean frame unsharp-masked by this amount (models.losses.unsharp,
+    # Real-ESRGAN's l1_gt_usm); 0 leaves it as it is. The discriminators always see the clean frame.
+    sharpen_target: float = Field(0.0, ge=0, le=2)
 
 
 class TrainSpec(Frozen):

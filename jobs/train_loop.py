@@ -203,7 +203,7 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
                 real_tlogits, real_tfeats = dt_eval(view(real_stack))
             fake_logits, fake_feats = d_eval(view(out.flatten(0, 1)))
             fake_tlogits, fake_tfeats = dt_eval(view(fake_stack))
-        loss_pixel = pixel_loss(spec, out, real)
+        loss_pixel = pixel_loss(spec, out, losses.unsharp(real, w.sharpen_target))
         loss_feature = losses.feature_matching(real_feats, fake_feats) + losses.feature_matching(real_tfeats,
                                                                                                  fake_tfeats)
         loss_adv = losses.g_loss(kind, real_logits, fake_logits)

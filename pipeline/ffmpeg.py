@@ -8,6 +8,7 @@ as the arguments FFmpeg documents.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -50,16 +51,50 @@ def redact(text: str) -> str:
 # FFmpeg's log context, "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d3a861e1c0] ": a memory address tells a user nothing,
 # and a console that reads square brackets as markup eats it.
 _LOG_CONTEXT = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
+# What FFmpeg says when a source's format is not in `allowed_demuxers()`, and what that means for the file.
+_REFUSED_FORMAT = re.compile(r"^\[([^\] ]+) @ 0x[0-9a-fA-F]+\]\s*Format not on whitelist.*")
+_REFUSED_REASON = (r"refused: its format (\1) names other files or URLs for FFmpeg to open, which reelmend does "
+                   r"not follow; restore the media it points at instead")
 
 
 def _last_lines(stderr: bytes, n: int = 2) -> str:
     """FFmpeg's last `n` distinct log lines, as one line."""
     lines: list[str] = []
     for raw in stderr.decode("utf-8", "replace").splitlines():
-        line = _LOG_CONTEXT.sub("", raw.strip())
+        line = _LOG_CONTEXT.sub("", _REFUSED_FORMAT.sub(_REFUSED_REASON, raw.strip()))
+        if line.startswith("refused: its format"):
+            return line  # the cause; what follows is FFmpeg's "Invalid argument"
         if line and not line.startswith("Last message repeated") and line not in lines[-1:]:
             lines.append(line)
     return redact(" | ".join(lines[-n:])) if lines else "no error output"
+
+
+# Demuxers that open other files or URLs named inside the input (playlists, edit lists, session descriptions,
+# VobSub's .sub beside its .idx, SVG's linked images, scripts). An untrusted source in one of these formats
+# could make FFmpeg read local files into a restored output or fetch internal URLs (the HLS file-inclusion and
+# SSRF attacks of 2016-17); no archive video needs them. Capture devices are never sources either.
+INDIRECT_DEMUXERS = frozenset({"avisynth", "concat", "dash", "hls", "imf", "rtp", "rtsp", "sap", "sdp",
+                               "svg_pipe", "vapoursynth", "vobsub"})
+_FORMAT_LINE = re.compile(r"^ ([D ])[E ] (\S+)")
+
+
+@functools.cache
+def allowed_demuxers() -> str:
+    """The installed FFmpeg's demuxers less its devices and INDIRECT_DEMUXERS, as `-format_whitelist` takes
+    them: what a source may be read as."""
+    def listed(flag: str) -> set[str]:
+        out = run([FFMPEG, "-hide_banner", flag], timeout=30.0, what=f"ffmpeg {flag} failed").decode()
+        names = set()
+        for line in out.splitlines():
+            match = _FORMAT_LINE.match(line)
+            if match and match.group(1) == "D":
+                names.update(match.group(2).split(","))
+        return names
+
+    demuxers = listed("-demuxers") - listed("-devices") - INDIRECT_DEMUXERS
+    if not demuxers:
+        raise FFmpegError("ffmpeg -demuxers listed no demuxers: is FFmpeg installed correctly?", "")
+    return ",".join(sorted(demuxers))
 
 
 def input_args(src: str) -> list[str]:
@@ -73,12 +108,15 @@ def input_args(src: str) -> list[str]:
 
     Over HTTP (a presigned object URL): reconnect on dropped connections and 5xx answers with backoff for up to
     a minute, as reelmend's storage calls retry, instead of failing the chunk on the first throttled range
-    request."""
-    args = ["-fflags", "+genpts"]
-    if src.startswith(("http://", "https://")):
-        args += ["-reconnect", "1", "-reconnect_on_network_error", "1", "-reconnect_on_http_error", "5xx",
-                 "-reconnect_delay_max", "60"]
-    return args
+    request.
+
+    A source is read only as a self-contained media file (`allowed_demuxers`) and only over its own protocol
+    (a local file, or HTTP(S) for a presigned URL), so nothing in it can point FFmpeg elsewhere."""
+    args = ["-fflags", "+genpts", "-format_whitelist", allowed_demuxers()]
+    if not src.startswith(("http://", "https://")):
+        return [*args, "-protocol_whitelist", "file"]
+    return [*args, "-protocol_whitelist", "http,https,tcp,tls", "-reconnect", "1", "-reconnect_on_network_error",
+            "1", "-reconnect_on_http_error", "5xx", "-reconnect_delay_max", "60"]
 
 
 def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,

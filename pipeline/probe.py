@@ -165,6 +165,8 @@ def probe(src: str) -> VideoInfo:
     try:
         return _probe(src)
     except ffmpeg.FFmpegError as err:
+        if err.detail.startswith("refused: "):  # a playlist or reference file (ffmpeg.allowed_demuxers)
+            raise ProbeError(err.detail) from err
         # FFmpeg prefixes its last error with the input's path: the manifest names the file already
         detail = next((hint for words, hint in HINTS.items() if words in err.detail),
                       err.detail.replace(f"{src}: ", ""))

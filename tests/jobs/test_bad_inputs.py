@@ -76,6 +76,8 @@ FAILED = {
     "corrupt packets.mp4": r"chunk 0: decode: decoding 10 frames failed: produced 8 of 10 frames \(",
     # A broadcast capture cut mid-GOP: the frames before the first keyframe cannot be decoded.
     "cut mid-GOP.ts": r"chunk 0: decode: decoding 10 frames failed: produced 0 of 10 frames \(",
+    # a playlist naming a file outside SRC: FFmpeg would read it into the output (file inclusion)
+    "hls playlist.mp4": r"^refused: its format \(hls\) names other files or URLs for FFmpeg to open",
     # two inputs, one output name: the second must not silently replace the first
     "clash.mp4": r"its output \S+/clash\.mkv is also the output of clash\.mov; rename one of them",
 }
@@ -133,6 +135,8 @@ def build_corpus(src: Path, work: Path) -> None:
     pos = packet_positions(gop)  # file order; PAT and PMT come before the first
     data = gop.read_bytes()
     (src / "cut mid-GOP.ts").write_bytes(data[:pos[0]] + data[pos[2]:])  # the keyframe (with SPS/PPS) is gone
+    (src / "hls playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.6,\nfile://{gop}\n"
+                                         "#EXT-X-ENDLIST\n")
     # -- what can
     (src / "broadcast.ts").write_bytes(data)
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=722x482:rate=25", "-frames:v", "12", "-vf",

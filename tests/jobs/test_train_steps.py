@@ -238,3 +238,29 @@ def test_training_checkpoints_round_trip_and_refuse_pickles_and_tampering(tmp_pa
     meta.write_text(meta.read_text().replace('"sha256"', '"was_sha256"'))  # even with its digest removed
     with pytest.raises(train_checkpoint.CheckpointError, match="not a valid safetensors"):
         train_checkpoint.load(tmp_path / "pickled")
+
+
+def test_sharpen_target_moves_only_the_pixel_losss_target():
+    """--sharpen-target: the GAN phase's pixel loss is measured against the unsharp-masked clean frame."""
+    from models.losses import charbonnier, unsharp
+
+    info = STAGES["denoise"]
+    lq, hq = batch(tiny_spec("denoise"))
+    measured = {}
+    for amount in (0.0, 1.0):
+        torch.manual_seed(0)
+        spec = tiny_spec("denoise").model_copy(update={"loss": tiny_spec("denoise").loss.model_copy(
+            update={"sharpen_target": amount})})
+        g = build_generator(spec)
+        d, dt = UNetDiscriminatorSN(features=8), TemporalDiscriminator(frames=3, features=8)
+        with torch.no_grad():
+            out = generate(g, info, lq)
+        opt_d = torch.optim.Adam([*d.parameters(), *dt.parameters()], lr=1e-3)
+        metrics = gan_step(g, d, dt, generator_optimizer(g, spec, gan=True), opt_d, lq, hq, spec, info)
+        expected = charbonnier(out, unsharp(targets(info, hq), amount)).item()
+        assert metrics["loss_pixel"] == pytest.approx(expected, rel=1e-5)
+        measured[amount] = metrics["loss_pixel"]
+    # The fresh generator is the identity on its (noisy) input: the sharpened target is farther from it.
+    assert measured[1.0] > measured[0.0]
+    with pytest.raises(ValueError):
+        TrainSpec(stage="denoise", data="x", out="y", loss={"sharpen_target": -0.5})

@@ -4,6 +4,7 @@ that reaches for a shell fails here, not in a user's archive with a file named `
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,38 @@ def test_the_scan_finds_what_it_looks_for():
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_shell_in(path):
     assert shell_uses(ast.parse(path.read_text(), str(path))) == []
+
+
+def playlists(folder: Path) -> dict[str, Path]:
+    """An HLS playlist and an ffconcat list, each dressed as an .mp4, naming a real clip (outside `folder`): what
+    an untrusted bucket could hold to make FFmpeg read a local file (or fetch a URL) into a restored output."""
+    secret = folder.parent / f"{folder.name}-secret.ts"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25",
+                    "-frames:v", "10", "-c:v", "mpeg2video", str(secret)], check=True, timeout=60)
+    folder.mkdir()
+    hls = folder / "playlist.mp4"
+    hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:0.4,\nfile://{secret}\n#EXT-X-ENDLIST\n")
+    concat = folder / "list.mp4"  # (its safe mode, the default, follows only names beside the list)
+    (folder / "part.ts").write_bytes(secret.read_bytes())
+    concat.write_text("ffconcat version 1.0\nfile part.ts\n")
+    return {"hls": hls, "concat": concat}
+
+
+def test_playlists_and_reference_files_are_refused(tmp_path):
+    from pipeline import ffmpeg
+    from pipeline.probe import ProbeError, probe
+
+    assert {"hls", "concat"} <= ffmpeg.INDIRECT_DEMUXERS
+    allowed = set(ffmpeg.allowed_demuxers().split(","))
+    assert {"mov", "mp4", "matroska", "avi", "mpegts", "image2"} <= allowed
+    assert not allowed & (ffmpeg.INDIRECT_DEMUXERS | {"lavfi", "x11grab", "v4l2"})  # nor capture devices
+    for kind, path in playlists(tmp_path / "src").items():
+        # Without reelmend's input options FFmpeg follows the list to the file outside:
+        plain = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name", "-of", "csv=p=0",
+                                str(path)], capture_output=True, text=True, timeout=60)
+        assert plain.stdout.strip() == kind
+        with pytest.raises(ProbeError, match=rf"^refused: its format \({kind}\) names other files or URLs"):
+            probe(str(path))
+        with pytest.raises(ffmpeg.FFmpegError, match=r"refused: its format"):  # nor does a decode reach it
+            ffmpeg.decode_frames(str(path), stream_index=0, seek=0.0, n_frames=1, width=64, height=48,
+                                 high_depth=False, matrix="bt601", full_range=None)
