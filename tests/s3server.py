@@ -58,7 +58,8 @@ class FlakyS3:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # a body after a HEAD answer would be read as the next answer
+                        self.wfile.write(payload)
                     return
                 upstream = http.client.HTTPConnection("127.0.0.1", proxy.moto_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
