@@ -182,6 +182,9 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
         try:  # whatever happens, results already back are committed
             for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root, tries).iter_rows():
+                # A run that lost its lease records nothing more: the run that took over owns the job's events
+                # (the check reads two fields; a wave can outlast the lease's TTL).
+                held.check()
                 ok = not row["error_kind"]
                 writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
                             "status": "done" if ok else "failed", "attempt": int(row["attempt"]),

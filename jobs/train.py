@@ -49,6 +49,16 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def continue_architecture(spec: TrainSpec, init_card: dict) -> TrainSpec:
+    """--init DIR continues DIR's network: its architecture and arguments, where --arch and --arch-args do not
+    say otherwise, except what the stage fixes (its window, its scale), which a narrower net is grown to."""
+    if spec.arch not in (None, init_card.get("arch")):
+        return spec  # another architecture: loading the weights into it fails with the reason
+    fixed = STAGES[spec.stage].default_args
+    args = {k: v for k, v in init_card.get("args", {}).items() if k not in fixed}
+    return spec.model_copy(update={"arch": init_card.get("arch"), "arch_args": {**args, **spec.arch_args}})
+
+
 def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str], None] = print,
                  progress: Progress | None = None) -> TrainResult:
     t0 = time.time()
@@ -57,7 +67,7 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     run_name = f"train-{spec.stage}"
     checkpoints = storage.join(spec.out, "checkpoints")
     if spec.init:  # a missing or bad --init fails here, not minutes later in every worker
-        load_state(spec.init, spec.stage, "fidelity")
+        spec = continue_architecture(spec, load_state(spec.init, spec.stage, "fidelity")[1])
     check_resume(spec, checkpoints, run_name)
     connect(address)
 

@@ -24,7 +24,7 @@ class LossSpec(Frozen):
     matching on the discriminators' features, the adversarial term, and the temporal-consistency term that
     keeps a frame-by-frame generator from flickering."""
 
-    pixel: Literal["charbonnier", "l1"] = "charbonnier"
+    pixel: Literal["charbonnier", "l1", "l2"] = "charbonnier"
     adversarial: Literal["hinge", "relativistic"] = "hinge"
     w_pixel: float = Field(1.0, ge=0)
     w_feature: float = Field(1.0, ge=0)

@@ -35,7 +35,7 @@ from jobs import train_checkpoint
 from jobs.train_config import TrainSpec
 from models import losses
 from models.chain import STAGES, StageInfo
-from models.restorer_net import RestorerNet, inflate
+from models.restorer_net import RestorerNet, grow
 from models.temporal_disc import TemporalDiscriminator
 from models.unet_disc import UNetDiscriminatorSN
 from models.weights import load_state
@@ -68,8 +68,8 @@ def train_loop(config: dict) -> None:
         fidelity_sd = state.module("g_fidelity")
     elif spec.init:
         init = load_state(spec.init, spec.stage, "fidelity")[0]
-        if isinstance(g, RestorerNet):  # a single-frame net starts a windowed one (see restorer_net.inflate)
-            init = inflate(init, g.in_frames)
+        if isinstance(g, RestorerNet):  # a narrower window or shallower body starts this one (restorer_net.grow)
+            init = grow(init, g.in_frames, len(g.body) // 2)
         g.load_state_dict(init)
         fidelity_sd = {k: v.clone() for k, v in g.state_dict().items()} if spec.steps == 0 else None
     if start >= spec.steps and spec.gan_steps and fidelity_sd is None:
@@ -192,6 +192,7 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
         out = generate(g, info, lq)
     real = targets(info, hq)
     real_stack, fake_stack = temporal_stacks(info, lq, hq, out)
+    temporal_d = w.w_temporal_adversarial > 0  # 0 turns the temporal discriminator off, its features included
     metrics = {}
 
     # 1. generator: pixel + feature matching + adversarial (per frame and temporal) + temporal consistency
@@ -200,14 +201,17 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
         with frozen(unwrap(d), unwrap(dt)) as (d_eval, dt_eval):
             with torch.no_grad():
                 real_logits, real_feats = d_eval(view(real.flatten(0, 1)))
-                real_tlogits, real_tfeats = dt_eval(view(real_stack))
             fake_logits, fake_feats = d_eval(view(out.flatten(0, 1)))
-            fake_tlogits, fake_tfeats = dt_eval(view(fake_stack))
+            loss_feature = losses.feature_matching(real_feats, fake_feats)
+            loss_adv = losses.g_loss(kind, real_logits, fake_logits)
+            loss_tadv = out.new_zeros(())
+            if temporal_d:
+                with torch.no_grad():
+                    real_tlogits, real_tfeats = dt_eval(view(real_stack))
+                fake_tlogits, fake_tfeats = dt_eval(view(fake_stack))
+                loss_feature = loss_feature + losses.feature_matching(real_tfeats, fake_tfeats)
+                loss_tadv = losses.g_loss(kind, real_tlogits, fake_tlogits)
         loss_pixel = pixel_loss(spec, out, losses.unsharp(real, w.sharpen_target))
-        loss_feature = losses.feature_matching(real_feats, fake_feats) + losses.feature_matching(real_tfeats,
-                                                                                                 fake_tfeats)
-        loss_adv = losses.g_loss(kind, real_logits, fake_logits)
-        loss_tadv = losses.g_loss(kind, real_tlogits, fake_tlogits)
         loss_temporal = losses.temporal_consistency(fake_stack, real_stack)
         loss_g = (w.w_pixel * loss_pixel + w.w_feature * loss_feature + w.w_adversarial * loss_adv
                   + w.w_temporal_adversarial * loss_tadv + w.w_temporal * loss_temporal)
@@ -220,8 +224,10 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
 
     # 2. discriminators: real and fake (detached) in one forward each, through DDP
     logits, _ = d(view(torch.cat((real.flatten(0, 1), out.detach().flatten(0, 1)))))
-    tlogits, _ = dt(view(torch.cat((real_stack, fake_stack.detach()))))
-    loss_d = losses.d_loss(kind, *logits.chunk(2)) + losses.d_loss(kind, *tlogits.chunk(2))
+    loss_d = losses.d_loss(kind, *logits.chunk(2))
+    if temporal_d:
+        tlogits, _ = dt(view(torch.cat((real_stack, fake_stack.detach()))))
+        loss_d = loss_d + losses.d_loss(kind, *tlogits.chunk(2))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
@@ -322,7 +328,7 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
 
 
 def pixel_loss(spec: TrainSpec, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return losses.charbonnier(out, target) if spec.loss.pixel == "charbonnier" else losses.l1(out, target)
+    return {"charbonnier": losses.charbonnier, "l1": losses.l1, "l2": losses.l2}[spec.loss.pixel](out, target)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

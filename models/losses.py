@@ -2,7 +2,7 @@
 
 Plain functions on tensors, each returning a scalar (mean-reduced) loss.
 
-    pixel        charbonnier, l1
+    pixel        charbonnier, l1, l2
     features     feature_matching (on the discriminator's own activations)
     adversarial  hinge_d / hinge_g, relativistic_d / relativistic_g, and the
                  d_loss / g_loss dispatchers keyed by kind ("hinge", "relativistic")
@@ -44,6 +44,13 @@ def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error."""
     _check_same_shape(pred, target)
     return F.l1_loss(pred, target)
+
+
+def l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error: the loss PSNR measures, for a last fine-tune of a net trained with an L1-like loss
+    (which converges to the median of the plausible clean values, not the mean that minimises MSE)."""
+    _check_same_shape(pred, target)
+    return F.mse_loss(pred, target)
 
 
 # ----------------------------------------------------------------- features

@@ -82,18 +82,37 @@ class RestorerNet(nn.Module):
         return centre + res[..., :h, :w]
 
 
-def inflate(state: dict[str, torch.Tensor], in_frames: int) -> dict[str, torch.Tensor]:
-    """A RestorerNet state for `in_frames` from one that reads fewer frames: the old head's weights go to the
-    centre frame's channels, zeros to the new neighbours', so the inflated net computes exactly what the old one
-    did and training starts from it (the inflation of 2-D filters into 3-D of I3D, Carreira and Zisserman,
-    CVPR 2017, with the new taps at zero rather than copies)."""
+def grow(state: dict[str, torch.Tensor], in_frames: int, blocks: int) -> dict[str, torch.Tensor]:
+    """A RestorerNet state for a net that reads `in_frames` frames through `blocks` body convs, from one that
+    reads fewer frames or has fewer convs, so that `reelmend train --init` continues from it.
+
+    * Frames: the old head's weights go to the centre frame's channels, zeros to the new neighbours', so the
+      wider net computes exactly what the old one did (the inflation of 2-D filters into 3-D of I3D, Carreira
+      and Zisserman, CVPR 2017, with the new taps at zero rather than copies).
+    * Depth: new body convs are appended as identities (Dirac kernels, zero bias), as Net2Net's Net2DeeperNet
+      (Chen et al., ICLR 2016) deepens a net. The LeakyReLU after each new conv is the identity on the
+      non-negative activations and scales the (already 0.2-scaled) negative ones by 0.2 again, so the deeper
+      net starts close to, not exactly at, the old function.
+    """
     head = state["head.weight"]
-    old = head.shape[1] // 3
-    if old == in_frames:
+    old_frames = head.shape[1] // 3
+    old_blocks = sum(1 for k in state if k.startswith("body.") and k.endswith(".weight"))
+    if old_frames > in_frames or (in_frames - old_frames) % 2:
+        raise ValueError(f"cannot grow a {old_frames}-frame RestorerNet to {in_frames} frames")
+    if old_blocks > blocks:
+        raise ValueError(f"cannot grow a RestorerNet of {old_blocks} body convs to {blocks}")
+    if (old_frames, old_blocks) == (in_frames, blocks):
         return state
-    if old > in_frames or (in_frames - old) % 2:
-        raise ValueError(f"cannot inflate a {old}-frame RestorerNet to {in_frames} frames")
-    wide = head.new_zeros(head.shape[0], 3 * in_frames, *head.shape[2:])
-    first = 3 * ((in_frames - old) // 2)
-    wide[:, first:first + 3 * old] = head
-    return {**state, "head.weight": wide}
+    state = dict(state)
+    if old_frames < in_frames:
+        wide = head.new_zeros(head.shape[0], 3 * in_frames, *head.shape[2:])
+        first = 3 * ((in_frames - old_frames) // 2)
+        wide[:, first:first + 3 * old_frames] = head
+        state["head.weight"] = wide
+    conv = state["body.0.weight"]
+    for i in range(old_blocks, blocks):
+        dirac = torch.zeros_like(conv)
+        nn.init.dirac_(dirac)
+        state[f"body.{2 * i}.weight"] = dirac
+        state[f"body.{2 * i}.bias"] = conv.new_zeros(conv.shape[0])
+    return state

@@ -7,8 +7,8 @@ files. The first to take the lease proceeds; the second stops at once with a mes
   The kernel releases it when the process dies, however it dies, so a killed driver never blocks `resume`.
 * Object stores: a lease object created only if absent (a conditional PUT, `If-None-Match: *`), renewed by a
   heartbeat thread every TTL/4 and deleted at the end. A lease not renewed for TTL seconds belongs to a dead
-  driver and is taken over; a driver that finds its lease taken over stops at its next check (`Lease.check`
-  between waves). Expiry compares the holder's clock with the reader's, so clocks must agree to well under
+  driver and is taken over; a driver that finds its lease taken over stops at its next check (`Lease.check`,
+  before each chunk result it would record and between waves). Expiry compares the holder's clock with the reader's, so clocks must agree to well under
   TTL (NTP does). A driver killed without releasing its lease blocks a new run for up to TTL seconds.
   On S3, renewals and takeovers are conditional PUTs on the ETag last seen (`If-Match`): a renewal never
   overwrites a takeover, and of two drivers taking over the same expired lease exactly one wins. Other object

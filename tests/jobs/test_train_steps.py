@@ -264,3 +264,49 @@ def test_sharpen_target_moves_only_the_pixel_losss_target():
     assert measured[1.0] > measured[0.0]
     with pytest.raises(ValueError):
         TrainSpec(stage="denoise", data="x", out="y", loss={"sharpen_target": -0.5})
+
+
+def test_no_temporal_discriminator_when_its_weight_is_zero():
+    """--w-temporal-adversarial 0: the temporal discriminator is neither consulted nor trained."""
+    torch.manual_seed(0)
+    base = tiny_spec("denoise")
+    spec = base.model_copy(update={"loss": base.loss.model_copy(update={"w_temporal_adversarial": 0.0})})
+    info = STAGES["denoise"]
+    g = build_generator(spec)
+    d, dt = UNetDiscriminatorSN(features=8), TemporalDiscriminator(frames=3, features=8)
+    lq, hq = batch(spec)
+    opt_d = torch.optim.Adam([*d.parameters(), *dt.parameters()], lr=1e-3)
+    dt_before = [p.detach().clone() for p in dt.parameters()]
+    metrics = gan_step(g, d, dt, generator_optimizer(g, spec, gan=True), opt_d, lq, hq, spec, info)
+    assert metrics["loss_temporal_adv"] == 0.0 and np.isfinite(metrics["loss_d"])
+    assert all(p.grad is None for p in dt.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(dt_before, dt.parameters()))
+
+
+def test_pixel_loss_choices():
+    """--pixel-loss picks the fidelity loss; l2 is the mean squared error PSNR measures."""
+    from jobs.train_loop import pixel_loss
+
+    out, target = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
+    for name, expected in (("l1", 0.5), ("l2", 0.25), ("charbonnier", (0.25 + 1e-6) ** 0.5)):
+        spec = TrainSpec(stage="denoise", data="d", out="o", loss={"pixel": name})
+        assert pixel_loss(spec, out, target).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        TrainSpec(stage="denoise", data="d", out="o", loss={"pixel": "l3"})
+
+
+def test_init_continues_its_architecture_unless_told_otherwise():
+    """--init DIR trains DIR's network on (its card's arch and args), the stage's window and scale excepted:
+    so `reelmend train deblock --init models/weights` continues the shipped nine-conv deblocker."""
+    from jobs.train import continue_architecture
+
+    card = {"arch": "RestorerNet", "args": {"in_frames": 1, "blocks": 9}}
+    spec = continue_architecture(TrainSpec(stage="deblock", data="d", out="o", init="i"), card)
+    assert spec.arch_name == "RestorerNet" and spec.generator_args == {"in_frames": 5, "blocks": 9}
+    deeper = TrainSpec(stage="deblock", data="d", out="o", init="i", arch_args={"blocks": 12})
+    assert continue_architecture(deeper, card).generator_args == {"in_frames": 5, "blocks": 12}
+    rrdb = {"arch": "RRDBNet", "args": {"scale": 2, "features": 24}}
+    assert continue_architecture(TrainSpec(stage="sr2x", data="d", out="o", init="i"), rrdb).generator_args == {
+        "scale": 2, "features": 24}
+    other = TrainSpec(stage="sr2x", data="d", out="o", init="i", arch="CompactSR")
+    assert continue_architecture(other, rrdb) == other  # told otherwise: its weights will not load, and say so

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.compact_sr import CompactSR
 from models.flow_interp import FlowInterp, backward_warp, symmetric_search
-from models.restorer_net import RestorerNet, inflate
+from models.restorer_net import RestorerNet, grow
 
 SIZES = [(37, 21), (64, 48), (1, 1), (16, 9)]
 CUDA = torch.cuda.is_available()
@@ -78,25 +78,34 @@ def test_restorer_bad_args(kwargs):
         RestorerNet(**kwargs)
 
 
-def test_inflated_restorer_computes_what_the_single_frame_one_did():
-    """`inflate` turns a one-frame RestorerNet into a five-frame one that starts as the same function of the
-    centre frame (how `reelmend train --init` starts a windowed stage from single-frame weights)."""
+def test_grown_restorer_computes_what_the_smaller_one_did():
+    """`grow` turns a one-frame RestorerNet into a five-frame one that starts as the same function of the
+    centre frame (how `reelmend train --init` starts a windowed stage from single-frame weights), and a
+    deeper one that starts close to it."""
     torch.manual_seed(0)
     one = RestorerNet(in_frames=1, features=8, blocks=2)
     with torch.no_grad():
         for p in one.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     five = RestorerNet(in_frames=5, features=8, blocks=2)
-    five.load_state_dict(inflate(one.state_dict(), 5))
+    five.load_state_dict(grow(one.state_dict(), 5, 2))
     x = torch.rand(2, 5, 3, 19, 24)
     assert torch.allclose(five(x), one(x[:, 2:3]), atol=1e-5)
     assert not torch.allclose(five(x), x[:, 2])  # not trivially the identity
     state = five.state_dict()
-    assert inflate(state, 5) is state  # already that wide: nothing to do
-    with pytest.raises(ValueError, match="cannot inflate"):
-        inflate(five.state_dict(), 3)
-    with pytest.raises(ValueError, match="cannot inflate"):
-        inflate(one.state_dict(), 4)
+    assert grow(state, 5, 2) is state  # already that wide and deep: nothing to do
+
+    deep = RestorerNet(in_frames=5, features=8, blocks=4)
+    deep.load_state_dict(grow(one.state_dict(), 5, 4))
+    change = (deep(x) - five(x)).abs().mean() / (five(x) - x[:, 2]).abs().mean()
+    assert 0 < change < 0.5  # near the shallow net's correction (the LeakyReLUs rescale negatives only)
+
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(five.state_dict(), 3, 2)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(one.state_dict(), 4, 2)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(deep.state_dict(), 5, 2)
 
 
 def test_restorer_bad_input():
