@@ -306,6 +306,7 @@ def train(
     w_feature: Annotated[float, typer.Option(help="Weight of feature matching on the discriminators' features (GAN phase).")] = 1.0,
     w_temporal_adversarial: Annotated[float, typer.Option(help="Weight of the temporal discriminator's adversarial term (GAN phase; 0: no temporal discriminator).")] = 0.02,
     sharpen_target: Annotated[float, typer.Option(help="GAN phase: unsharp-mask the pixel loss's target by this amount (Real-ESRGAN's gt_usm; 0: off).")] = 0.0,
+    d_region: Annotated[str, typer.Option(help="Where the discriminator's judgement counts: all, or undamaged (pixels local damage left alone; descratch).")] = "all",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (and validation).")] = 200,
     source_scale: Annotated[float, typer.Option(help="Area-downscale sources first (removes their artifacts).")] = 1.0,
     pool_clips: Annotated[int, typer.Option(help="Clean clips decoded once to cut patches from.")] = 400,
@@ -336,7 +337,8 @@ def train(
                          d_lr=d_lr, d_features=d_features, d_warmup=d_warmup, checkpoint_every=checkpoint_every,
                          loss=LossSpec(pixel=pixel_loss, adversarial=adversarial, w_adversarial=w_adversarial, w_feature=w_feature,
                                        w_temporal_adversarial=w_temporal_adversarial,
-                                       d_view=d_view, sharpen_target=sharpen_target),
+                                       d_view=d_view, sharpen_target=sharpen_target,
+                                       d_region=d_region),
                          source_scale=source_scale, pool_clips=pool_clips, pool_variants=pool_variants, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
                          command=shlex.join(["reelmend", *sys.argv[1:]]))

@@ -37,6 +37,10 @@ class LossSpec(Frozen):
     # GAN phase: the pixel loss's target is the clean frame unsharp-masked by this amount (models.losses.unsharp,
     # Real-ESRGAN's l1_gt_usm); 0 leaves it as it is. The discriminators always see the clean frame.
     sharpen_target: float = Field(0.0, ge=0, le=2)
+    # Where the per-frame discriminator's judgement counts (models.losses.undamaged): "all" pixels, or only those
+    # the damage left alone, so that for local damage (descratch) what it learns to tell apart is texture, not
+    # the leftovers of a repair. Its features (feature matching) and the temporal discriminator still see all.
+    d_region: Literal["all", "undamaged"] = "all"
 
 
 class TrainSpec(Frozen):
@@ -101,6 +105,9 @@ class TrainSpec(Frozen):
             raise ValueError(f"--patch must be a multiple of {info.scale * 8} for {self.stage}")
         if self.gan_steps and self.d_warmup >= self.gan_steps:
             raise ValueError(f"--d-warmup ({self.d_warmup}) must be less than --gan-steps ({self.gan_steps})")
+        if self.loss.d_region == "undamaged" and (info.scale != 1 or info.is_interp):
+            raise ValueError(f"--d-region undamaged needs a stage whose input and output frames align; {self.stage} "
+                             "changes their size or count")
         if self.fail_at_step is not None and self.fail_at_step <= self.checkpoint_every:
             raise ValueError("--fail-at-step must come after the first checkpoint (> --checkpoint-every)")
         return self

@@ -193,6 +193,10 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
     real = targets(info, hq)
     real_stack, fake_stack = temporal_stacks(info, lq, hq, out)
     temporal_d = w.w_temporal_adversarial > 0  # 0 turns the temporal discriminator off, its features included
+    # --d-region undamaged: the per-frame discriminator is judged, and judges, only where the damage left the
+    # frame alone (the same pixels of the restored and the clean frame)
+    region = (losses.undamaged(targets(info, lq).flatten(0, 1), real.flatten(0, 1))
+              if w.d_region == "undamaged" else None)
     metrics = {}
 
     # 1. generator: pixel + feature matching + adversarial (per frame and temporal) + temporal consistency
@@ -203,7 +207,7 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
                 real_logits, real_feats = d_eval(view(real.flatten(0, 1)))
             fake_logits, fake_feats = d_eval(view(out.flatten(0, 1)))
             loss_feature = losses.feature_matching(real_feats, fake_feats)
-            loss_adv = losses.g_loss(kind, real_logits, fake_logits)
+            loss_adv = losses.g_loss(kind, real_logits, fake_logits, region)
             loss_tadv = out.new_zeros(())
             if temporal_d:
                 with torch.no_grad():
@@ -224,7 +228,7 @@ def gan_step(g, d, dt, opt_g, opt_d, lq, hq, spec: TrainSpec, info: StageInfo,
 
     # 2. discriminators: real and fake (detached) in one forward each, through DDP
     logits, _ = d(view(torch.cat((real.flatten(0, 1), out.detach().flatten(0, 1)))))
-    loss_d = losses.d_loss(kind, *logits.chunk(2))
+    loss_d = losses.d_loss(kind, *logits.chunk(2), weight=region)
     if temporal_d:
         tlogits, _ = dt(view(torch.cat((real_stack, fake_stack.detach()))))
         loss_d = loss_d + losses.d_loss(kind, *tlogits.chunk(2))

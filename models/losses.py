@@ -7,10 +7,12 @@ Plain functions on tensors, each returning a scalar (mean-reduced) loss.
     adversarial  hinge_d / hinge_g, relativistic_d / relativistic_g, and the
                  d_loss / g_loss dispatchers keyed by kind ("hinge", "relativistic")
     temporal     temporal_consistency (flicker between consecutive frames)
-    views        detail_view (what the discriminators look at)
+    views        detail_view (what the discriminators look at), undamaged (where their judgement counts)
 
 Logits are raw discriminator outputs of any (matching) shape, e.g. the per-pixel
-maps of UNetDiscriminatorSN or the patch maps of TemporalDiscriminator.
+maps of UNetDiscriminatorSN or the patch maps of TemporalDiscriminator. The adversarial
+losses take an optional `weight` broadcastable to the logits (a 0/1 map of the pixels
+whose judgement counts): their means are then weighted means.
 """
 
 import torch
@@ -80,22 +82,31 @@ def feature_matching(real_feats: list[torch.Tensor], fake_feats: list[torch.Tens
 # ----------------------------------------------------------------- adversarial
 
 
-def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+def _mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """mean(x), or the weight-weighted mean (0 where the weights are all 0)."""
+    if weight is None:
+        return x.mean()
+    weight = weight.expand_as(x)
+    return (x * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hinge discriminator loss: mean(relu(1 - real)) + mean(relu(1 + fake)).
 
     As in SAGAN / BigGAN (Zhang et al. 2019, Brock et al. 2019), the usual partner of
     spectral normalisation. Zero once real logits >= 1 and fake logits <= -1: D stops
     pushing on samples it already separates by the margin.
     """
-    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return _mean(F.relu(1 - real_logits), weight) + _mean(F.relu(1 + fake_logits), weight)
 
 
-def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
+def hinge_g(fake_logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hinge generator loss: -mean(fake logits)."""
-    return -fake_logits.mean()
+    return -_mean(fake_logits, weight)
 
 
-def relativistic_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+def relativistic_d(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Relativistic average discriminator loss (RaGAN, Jolicoeur-Martineau 2019; ESRGAN).
 
     D estimates whether real data is *more realistic than the average fake*, and
@@ -104,13 +115,15 @@ def relativistic_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torc
     computed with BCE-with-logits for numerical stability. The means are over all
     logits (batch and pixels), as in ESRGAN / BasicSR.
     """
+    bce = F.binary_cross_entropy_with_logits
     return 0.5 * (
-        F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.ones_like(real_logits))
-        + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.zeros_like(fake_logits))
+        _mean(bce(real_logits - _mean(fake_logits, weight), torch.ones_like(real_logits), reduction="none"), weight)
+        + _mean(bce(fake_logits - _mean(real_logits, weight), torch.zeros_like(fake_logits), reduction="none"), weight)
     )
 
 
-def relativistic_g(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+def relativistic_g(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Relativistic average generator loss (ESRGAN): the D loss with the labels swapped.
 
     Unlike a standard GAN, G gets gradients from both real and fake terms (ESRGAN
@@ -118,26 +131,22 @@ def relativistic_g(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torc
     keeps a G step from ever sending gradients into D through the real branch.
     """
     real_logits = real_logits.detach()
+    bce = F.binary_cross_entropy_with_logits
     return 0.5 * (
-        F.binary_cross_entropy_with_logits(real_logits - fake_logits.mean(), torch.zeros_like(real_logits))
-        + F.binary_cross_entropy_with_logits(fake_logits - real_logits.mean(), torch.ones_like(fake_logits))
+        _mean(bce(real_logits - _mean(fake_logits, weight), torch.zeros_like(real_logits), reduction="none"), weight)
+        + _mean(bce(fake_logits - _mean(real_logits, weight), torch.ones_like(fake_logits), reduction="none"), weight)
     )
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in ADVERSARIAL_KINDS:
-        raise ValueError(f"adversarial loss kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")
-
-
-def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Discriminator loss of the given kind ("hinge" or "relativistic") on D's logits."""
     _check_kind(kind)
     if kind == "hinge":
-        return hinge_d(real, fake)
-    return relativistic_d(real, fake)
+        return hinge_d(real, fake, weight)
+    return relativistic_d(real, fake, weight)
 
 
-def g_loss(kind: str, real: torch.Tensor | None, fake: torch.Tensor) -> torch.Tensor:
+def g_loss(kind: str, real: torch.Tensor | None, fake: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Generator loss of the given kind on D's logits.
 
     "hinge" ignores real (it may be None); "relativistic" needs D's logits on the
@@ -145,10 +154,15 @@ def g_loss(kind: str, real: torch.Tensor | None, fake: torch.Tensor) -> torch.Te
     """
     _check_kind(kind)
     if kind == "hinge":
-        return hinge_g(fake)
+        return hinge_g(fake, weight)
     if real is None:
         raise ValueError("the relativistic generator loss needs the real logits, got None")
-    return relativistic_g(real, fake)
+    return relativistic_g(real, fake, weight)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"adversarial loss kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")
 
 
 # ----------------------------------------------------------------- temporal
@@ -230,3 +244,19 @@ def unsharp(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:
     if amount == 0:
         return x
     return (x + amount * (x - gaussian_blur(x, sigma))).clamp(0, 1)
+
+
+def undamaged(degraded: torch.Tensor, clean: torch.Tensor, threshold: float = 20 / 255,
+              margin: int = 4) -> torch.Tensor:
+    """(N, 1, H, W) float 0/1: the pixels local damage left alone, for `--d-region undamaged`.
+
+    A pixel counts as damaged where the degraded frame differs from the clean one by more than `threshold` in
+    any channel (film grain and mild noise stay under 20 levels of 255; scratches, dust and blotches do not),
+    and so does every pixel within `margin` of one (the soft edges of a blotch fall under the threshold, and
+    the discriminator should not be judging the seam of a repair). degraded, clean: (N, C, H, W), same shape.
+    """
+    _check_same_shape(degraded, clean)
+    hit = ((degraded - clean).abs().amax(dim=1, keepdim=True) > threshold).float()
+    if margin:
+        hit = F.max_pool2d(hit, 2 * margin + 1, stride=1, padding=margin)
+    return 1.0 - hit

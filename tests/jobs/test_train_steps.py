@@ -266,6 +266,29 @@ def test_sharpen_target_moves_only_the_pixel_losss_target():
         TrainSpec(stage="denoise", data="x", out="y", loss={"sharpen_target": -0.5})
 
 
+def test_d_region_undamaged_judges_only_where_the_damage_left_the_frame_alone():
+    """--d-region undamaged: where the degraded frames differ from the clean ones everywhere, the per-frame
+    discriminator has no pixel to judge (no adversarial loss either way); with "all" it has every pixel."""
+    info = STAGES["descratch"]
+    base = tiny_spec("descratch")
+    _, hq = batch(base)
+    lq = 1 - hq  # damage everywhere
+    measured = {}
+    for region in ("all", "undamaged"):
+        spec = base.model_copy(update={"loss": base.loss.model_copy(
+            update={"d_region": region, "w_temporal_adversarial": 0.0})})
+        torch.manual_seed(0)
+        g = build_generator(spec)
+        d, dt = UNetDiscriminatorSN(features=8), TemporalDiscriminator(frames=3, features=8)
+        opt_d = torch.optim.Adam(d.parameters(), lr=1e-3)
+        measured[region] = gan_step(g, d, dt, generator_optimizer(g, spec, gan=True), opt_d, lq, hq, spec, info)
+    assert measured["undamaged"]["loss_adv"] == 0.0 and measured["undamaged"]["loss_d"] == 0.0
+    assert measured["all"]["loss_adv"] != 0.0 and measured["all"]["loss_d"] > 0.0
+    for stage in ("sr2x", "interp2x"):  # output frames that do not align with the input's have no such mask
+        with pytest.raises(ValueError, match="d-region"):
+            TrainSpec(stage=stage, data="x", out="y", loss={"d_region": "undamaged"})
+
+
 def test_no_temporal_discriminator_when_its_weight_is_zero():
     """--w-temporal-adversarial 0: the temporal discriminator is neither consulted nor trained."""
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from models.losses import (
     relativistic_d,
     relativistic_g,
     temporal_consistency,
+    undamaged,
     unsharp,
 )
 from models.rrdb_sr import RRDBNet
@@ -314,6 +315,48 @@ def test_relativistic_losses_follow_separation():
     # Relativistic: only the difference between real and fake logits matters.
     real, fake = torch.randn(8), torch.randn(8)
     assert relativistic_d(real + 3, fake + 3).item() == pytest.approx(relativistic_d(real, fake).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "relativistic"])
+def test_weighted_adversarial_losses_count_only_the_weighted_pixels(kind):
+    torch.manual_seed(0)
+    real, fake = torch.randn(2, 1, 6, 6), torch.randn(2, 1, 6, 6, requires_grad=True)
+    ones = torch.ones(2, 1, 6, 6)
+    # All-ones weights: the plain means.
+    assert d_loss(kind, real, fake, ones).item() == pytest.approx(d_loss(kind, real, fake).item(), rel=1e-6)
+    assert g_loss(kind, real, fake, ones).item() == pytest.approx(g_loss(kind, real, fake).item(), rel=1e-6)
+    # Half the pixels weighted out: what lies there changes nothing and gets no gradient.
+    weight = ones.clone()
+    weight[..., :3] = 0
+    before_d, before_g = d_loss(kind, real, fake, weight).item(), g_loss(kind, real, fake, weight)
+    before_g.backward()
+    assert fake.grad[..., :3].abs().sum() == 0 and fake.grad[..., 3:].abs().sum() > 0
+    moved_real, moved_fake = real.clone(), fake.detach().clone()
+    moved_real[..., :3] += 5
+    moved_fake[..., :3] -= 5
+    assert d_loss(kind, moved_real, moved_fake, weight).item() == pytest.approx(before_d, rel=1e-6)
+    assert g_loss(kind, moved_real, moved_fake, weight).item() == pytest.approx(before_g.item(), rel=1e-6)
+    # It equals the plain loss on the weighted pixels alone.
+    keep = (slice(None), slice(None), slice(None), slice(3, None))
+    assert d_loss(kind, real, fake, weight).item() == pytest.approx(
+        d_loss(kind, real[keep], fake.detach()[keep]).item(), rel=1e-5)
+    # No pixel weighted in: no loss (not NaN).
+    assert d_loss(kind, real, fake, torch.zeros_like(ones)).item() == 0.0
+
+
+def test_undamaged_leaves_out_local_damage_and_its_margin_not_grain():
+    torch.manual_seed(0)
+    clean = torch.rand(1, 3, 32, 32) * 0.5 + 0.25
+    degraded = clean + 0.02 * torch.randn_like(clean)  # grain of ~5 levels of 255: not damage
+    degraded[:, :, 10:13, 20:22] = 1.0  # a bright speck of dust
+    mask = undamaged(degraded, clean, margin=4)
+    assert mask.shape == (1, 1, 32, 32)
+    assert mask[0, 0, 6:17, 16:26].sum() == 0  # the speck and 4 pixels around it
+    assert mask[0, 0, 6:17, 16:26].numel() + mask.sum() == 32 * 32  # everything else is kept
+    assert undamaged(degraded, clean, margin=0).sum() == 32 * 32 - 6
+    assert undamaged(clean, clean).sum() == 32 * 32
+    with pytest.raises(ValueError):
+        undamaged(clean, clean[..., :16])
 
 
 def test_relativistic_g_gives_no_grad_to_real():
