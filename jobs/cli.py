@@ -45,7 +45,9 @@ def _validation_message(err: ValidationError) -> str:
 
 
 def _guarded(fn, verbose: bool, progress=None):
-    """Map failures to exit codes: config and input problems are 2, anything unexpected is 1."""
+    """Map failures to exit codes: config and input problems found before any work are 2, anything unexpected
+    (a job stopped mid-way included, whatever it raised) is 1."""
+    from jobs.progress import JobStopped, error_line, raised_in_ray
     from models.weights import WeightsError
     from pipeline.lease import LeaseHeld
 
@@ -55,13 +57,17 @@ def _guarded(fn, verbose: bool, progress=None):
         raise
     except ValidationError as err:
         _fail(ValueError(_validation_message(err)), EXIT_USAGE, verbose, progress)
-    except (WeightsError, FileNotFoundError, ValueError, LeaseHeld) as err:
-        _fail(err, EXIT_USAGE, verbose, progress)
     except KeyboardInterrupt:
         console.print("interrupted; `reelmend resume DEST` continues where this stopped")
         raise typer.Exit(130)
+    except JobStopped as err:
+        _fail(RuntimeError(f"{err} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
+    except (WeightsError, FileNotFoundError, ValueError, LeaseHeld) as err:
+        if raised_in_ray(err):  # a remote ValueError is a failure of the work, not of the command line
+            _fail(RuntimeError(f"{error_line(err)} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
+        _fail(err, EXIT_USAGE, verbose, progress)
     except Exception as err:  # noqa: BLE001
-        _fail(err, EXIT_CRASH, verbose, progress)
+        _fail(RuntimeError(f"{error_line(err)} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
 
 
 STORAGE_HELP = ("fsspec options per protocol as JSON, or @FILE holding it, e.g. '{\"s3\": {\"endpoint_url\": "
@@ -193,9 +199,13 @@ def resume(
     def go():
         options = _storage_options(storage_options)
         storage.configure(options)  # to read the manifest itself
-        spec = Manifest(dest.rstrip("/"), pick_job(dest.rstrip("/"), job_id)).read_spec()
+        picked = pick_job(dest.rstrip("/"), job_id)
+        spec = Manifest(dest.rstrip("/"), picked).read_spec()
+        if not spec.same_place(dest):  # moved or copied: its plan names outputs in the old place
+            raise ValueError(f"job {picked} in {dest} was made for DEST {spec.dest}; resume it there (a DEST "
+                             "cannot be moved mid-job: its plan names every output's place), or restore anew")
         raised = {"max_attempts": max_attempts} if max_attempts is not None else {}
-        spec = JobSpec.model_validate({**spec.model_dump(), "storage_options": options, **raised})
+        spec = JobSpec.model_validate({**spec.model_dump(), "job_id": picked, "storage_options": options, **raised})
         return run_job(spec, address=address, progress=progress)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)

@@ -130,3 +130,21 @@ def _duration(seconds: float | None) -> str:
         return "-"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class JobStopped(RuntimeError):
+    """A job stopped by an unexpected error once its work had begun (exit 1, not a usage error)."""
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an unexpected error: its type and first line. An error Ray wrapped (a task's, an actor's,
+    a training worker's) is shown as the error raised there: Ray's own text carries the remote traceback."""
+    while type(err).__module__.split(".")[0] == "ray" and (inner := getattr(err, "cause", None) or err.__cause__):
+        err = inner
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def raised_in_ray(err: BaseException) -> bool:
+    """Whether Ray wrapped `err` around an error raised remotely (its class may then also be the remote one's)."""
+    return type(err).__module__.split(".")[0] == "ray"

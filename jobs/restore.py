@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.progress import Progress
+from jobs.progress import JobStopped, Progress, error_line
 from models.chain import check_weights
 from models.geometry import chain_geometry, parse_chain
-from pipeline import lease, storage
+from pipeline import faults, lease, storage
 from pipeline.config import JobSpec
 from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
@@ -102,35 +102,53 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
-    if not manifest.has_plan():
-        spec.check_apart()  # before anything is written under DEST
+    files = None
+    if not manifest.has_plan():  # a new job: a wrong SRC or DEST fails here, before anything is written to DEST
+        spec.check_apart()
+        files = storage.list_files(spec.src)
+        if not files:
+            raise FileNotFoundError(f"no files under {spec.src}")
     with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
         try:
-            result = _run_job(spec, job_id, manifest, address, progress, held)
+            spec = _agree_with_stored(spec, manifest)
+            try:
+                result = _run_job(spec, job_id, manifest, address, progress, held, files)
+            except (lease.LeaseLost, KeyboardInterrupt):
+                raise
+            except Exception as err:  # whatever it is, it is no longer a problem of the command line
+                raise JobStopped(f"job {job_id} stopped: {error_line(err)}; `reelmend resume {spec.dest}` "
+                                 "continues it") from err
         finally:
             progress.stop()
     result.seconds = time.monotonic() - started
     return result
 
 
+def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
+    """A run of a job already planned: its options must be those it was planned with (ValueError: a usage
+    error, before any work). `--max-attempts` may change, and is then stored, so `status` counts the same way."""
+    if not manifest.has_plan():
+        return spec
+    stored = manifest.read_spec()
+    if _shaping(stored) != _shaping(spec):
+        raise ValueError(f"job {manifest.job_id} under {spec.dest} was planned with other options; "
+                         "use another --job-id or the same options")
+    if "max_attempts" not in spec.model_fields_set:  # a re-run `restore` keeps the budget a resume set
+        return spec.model_copy(update={"max_attempts": stored.max_attempts})
+    if spec.max_attempts != stored.max_attempts:
+        manifest.write_spec(spec)
+    return spec
+
+
 def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None,
-             progress: Progress, held: lease.Lease) -> JobResult:
+             progress: Progress, held: lease.Lease, files: list[tuple[str, str]] | None) -> JobResult:
     log = progress.log
     if manifest.has_plan():
-        stored = manifest.read_spec()
-        if _shaping(stored) != _shaping(spec):
-            raise ValueError(f"job {job_id} under {spec.dest} was planned with other options; "
-                             "use another --job-id or the same options")
-        if "max_attempts" not in spec.model_fields_set:  # a re-run `restore` keeps the budget a resume set
-            spec = spec.model_copy(update={"max_attempts": stored.max_attempts})
-        elif spec.max_attempts != stored.max_attempts:  # `--max-attempts`: `status` must count the same way
-            manifest.write_spec(spec)
         log(f"resuming job {job_id}")
         connect(address)
     else:
-        files = storage.list_files(spec.src)  # a wrong SRC fails here, before Ray starts
-        if not files:
-            raise FileNotFoundError(f"no files under {spec.src}")
+        if files is None:  # the plan another run was making when this one looked is gone (that run failed)
+            files = storage.list_files(spec.src)
         connect(address)
         make_plan(spec, job_id, manifest, files, log)
     plan = manifest.read_plan().to_pylist()
@@ -185,6 +203,7 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                 # A run that lost its lease records nothing more: the run that took over owns the job's events
                 # (the check reads two fields; a wave can outlast the lease's TTL).
                 held.check()
+                faults.maybe_fail("driver", row)
                 ok = not row["error_kind"]
                 writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
                             "status": "done" if ok else "failed", "attempt": int(row["attempt"]),

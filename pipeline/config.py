@@ -98,8 +98,17 @@ class JobSpec(Frozen):
 
     @field_validator("src", "dest")
     @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/") or "/"
+    def _normalise(cls, value: str) -> str:
+        """No trailing slash; a local path made absolute, so a worker on another node (another working
+        directory) and a `resume` from another folder mean the same files."""
+        value = value.rstrip("/") or "/"
+        if not fsspec.core.split_protocol(value)[0]:
+            value = os.path.abspath(os.path.expanduser(value))
+        return value
+
+    def same_place(self, uri: str) -> bool:
+        """Whether `uri` names this job's DEST (`./out`, `out/` and `file:///abs/out` do)."""
+        return _comparable(self.dest) == _comparable(uri)
 
     def check_apart(self) -> None:
         """Refuse SRC and DEST that overlap, either way: outputs would become inputs, or replace their own

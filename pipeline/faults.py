@@ -6,6 +6,8 @@ N, "kind": ..., "times": N}:
 
 * kind "raise": the stage raises on that chunk, `times` times in all (every time when absent), which the
   stage records as the chunk's failure, as any real error would be;
+* stage "driver", kind "raise": the driver raises as that chunk's result comes back, as a bug or a lost
+  connection on the driver's side would (the job stops; `resume` continues it);
 * kind "crash": the worker process exits at once on that chunk (a segfault, an OOM kill), `times` times;
 * kind "memory": a memory limit, {"stage": "restore", "kind": "memory", "max_pixels": P}: every model forward
   over more than P input pixels (frames x height x width) raises torch.OutOfMemoryError, as a GPU or a

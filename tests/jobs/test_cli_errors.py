@@ -47,6 +47,11 @@ def test_bad_specs_exit_2_and_write_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
     result = run("restore", str(tmp_path / "missing"), str(dest))
     assert result.exit_code == 2 and "does not exist" in result.output
+    assert not dest.exists()  # not even the job's lease
+    (tmp_path / "empty").mkdir()
+    result = run("restore", str(tmp_path / "empty"), str(dest))
+    assert result.exit_code == 2 and "no files under" in result.output
+    assert not dest.exists()
 
 
 def test_a_rejected_spec_never_prints_its_credentials(tmp_path):
@@ -115,3 +120,18 @@ def test_bad_bench_commands_exit_2(tmp_path):
         result = run("bench", *extra)
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
+
+
+def test_resume_refuses_a_dest_that_was_moved(tmp_path, monkeypatch):
+    """A job's plan names every output's place: resumed from a moved or copied DEST it would write to the old one."""
+    from pipeline.config import JobSpec
+    from pipeline.manifest import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    spec = JobSpec(src="in/", dest="out")  # local paths are made absolute: workers and later runs agree on them
+    assert (spec.src, spec.dest) == (str(tmp_path / "in"), str(tmp_path / "out"))
+    Manifest(spec.dest, spec.resolved_job_id()).write_spec(spec)
+    (tmp_path / "out").rename(tmp_path / "moved")
+    result = run("resume", "moved")
+    assert result.exit_code == 2 and f"was made for DEST {tmp_path / 'out'}" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

@@ -128,6 +128,15 @@ def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path,
     assert result.exit_code == 0, result.output
     assert psnr(decode(dest / "clip.mkv"), decode(reference / "clip.mkv")) > 50
 
+    # a frame too large for even one whole frame per forward: the stage comes down to tiles, blended as one
+    make_clip(tmp_path / "large" / "clip.mkv", size="320x176", frames=10, extra=("-c:v", "ffv1"))
+    large_args = [a if a != "10" else "5" for a in args]
+    assert cli("restore", str(tmp_path / "large"), str(tmp_path / "large-ref"), *large_args).exit_code == 0
+    inject([{"stage": "restore", "kind": "memory", "max_pixels": 60000}])  # a 5-frame window of 109x109 tiles
+    result = cli("restore", str(tmp_path / "large"), str(tmp_path / "large-out"), *large_args)
+    assert result.exit_code == 0, result.output
+    assert psnr(decode(tmp_path / "large-out" / "clip.mkv"), decode(tmp_path / "large-ref" / "clip.mkv")) > 40
+
     # not even one tile fits: the chunk fails with the reason, the job ends with exit code 3
     inject([{"stage": "restore", "kind": "memory", "max_pixels": 1000}])
     dest = tmp_path / "starved"
@@ -150,3 +159,24 @@ def test_a_chunk_no_node_can_hold_fails_up_front_instead_of_waiting_forever(tmp_
     (event,) = manifest.read_events().to_pylist()
     assert (event["chunk_index"], event["status"], event["error_kind"]) == (1, "failed", "resources")
     assert "more than any node offers" in event["error_message"] and "--chunk-frames" in event["error_message"]
+
+
+def test_a_driver_error_mid_job_exits_1_with_one_line_and_resume_finishes(tmp_path, ray_address, inject):
+    """An unexpected error on the driver's side once work has begun: exit 1 (not 2, "bad usage"), one line naming
+    the error and how to go on, no traceback; `resume` then finishes the job, each chunk recorded done once."""
+    src = tmp_path / "in"
+    make_clip(src / "clip.mkv", frames=40, extra=("-c:v", "ffv1"))
+    inject([{"stage": "driver", "rel_path": "clip.mkv", "chunk_index": 1, "kind": "raise", "times": 1}])
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "10")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "stopped: InjectedFault: injected fault in driver of chunk 1" in errors[0]
+    assert f"reelmend resume {dest}" in errors[0] and "--verbose" in errors[0]
+
+    result = cli("resume", str(dest))
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
+    done = [e["chunk_index"] for e in chunk_events(dest) if e["status"] == "done"]
+    assert sorted(done) == [0, 1, 2, 3]
