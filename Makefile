@@ -16,7 +16,7 @@ demo: $(STAMP) ffmpeg
 	$(BIN)/reelmend demo
 
 test: $(STAMP) ffmpeg chromium
-	$(BIN)/python -m pytest tests
+	REELMEND_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest tests
 
 ffmpeg:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || { \

@@ -115,9 +115,8 @@ def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str
 
 def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
     counts = status["counts"]
-    # Wall time from the job's first event to its last: across runs when it was resumed.
     times = [t for e in events for t in (e["started_at"], e["finished_at"]) if t is not None]
-    span = (max(times) - min(times)).total_seconds() if times else 0.0
+    wall = busy_seconds(events)
     done = latest_done_chunks(events)
     frames_in = sum(e["frames_in"] or 0 for e in done.values())
     frames_out = sum(v["frames_out"] for v in status["videos"] if v["status"] == "done")
@@ -132,10 +131,11 @@ def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
         ["destination", spec.dest],
         ["manifest", status["manifest"]],
         ["videos", Html(", ".join(f"{counts.get(k, 0)} {status_span(k)}" for k in ("done", "failed", "pending")))],
-        ["wall time", f"{span:.1f} s" + (f" ({utc(min(times))} to {utc(max(times))})" if times else "")],
+        ["wall time", f"{wall:.1f} s with chunks in flight" + (f" (between {utc(min(times))} and {utc(max(times))})"
+                                                               if times else "")],
         ["frames restored", f"{frames_in} source frames in done chunks, {frames_out} output frames in finished "
                             "videos"],
-        ["throughput", f"{frames_in / span:.2f} source frames/s over the wall time" if span else "n/a"],
+        ["throughput", f"{frames_in / wall:.2f} source frames/s over the wall time" if wall else "n/a"],
         # a chunk's time runs from its decode starting to the driver recording it: queueing between stages included
         ["chunk time", f"{compute:.1f} s (sum over done chunks, from decode to result recorded)"],
     ]
@@ -160,6 +160,30 @@ def utc(t: datetime) -> str:
 def seconds(event: dict) -> float:
     start, end = event["started_at"], event["finished_at"]
     return (end - start).total_seconds() if start and end else 0.0
+
+
+def busy_seconds(events: list[dict]) -> float:
+    """The job's wall time: the union of the intervals during which some chunk was in flight, each from its wave's
+    dispatch (its `running` event) to its result being recorded, so the idle time between runs (a job resumed a
+    day later) counts for nothing. Stitching records no start and is not counted; nor is work a crashed run never
+    recorded."""
+    dispatched: dict[tuple[str, int], datetime] = {}
+    spans = []
+    for e in events:  # in commit order: a chunk's `running` event comes before its result
+        key = (e["video_id"], e["chunk_index"])
+        if e["status"] == "running" and e["started_at"] is not None:
+            dispatched[key] = e["started_at"]
+        elif e["chunk_index"] >= 0 and e["finished_at"] is not None:
+            # its own start (decode) as well: the worker's clock may run a little behind the driver's
+            starts = [t for t in (dispatched.pop(key, None), e["started_at"]) if t is not None]
+            spans.append((min(starts, default=e["finished_at"]), e["finished_at"]))
+    busy, reached = 0.0, None
+    for start, end in sorted(spans):
+        start = start if reached is None else max(start, reached)
+        if end > start:
+            busy += (end - start).total_seconds()
+            reached = end
+    return busy
 
 
 def latest_done_chunks(events: list[dict]) -> dict[tuple[str, int], dict]:

@@ -99,7 +99,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     started = time.monotonic()
     progress = progress or Progress("plain", log=log)
     storage.configure(spec.storage_options)
-    check_weights(spec.chain, spec.models)  # a missing or bad checkpoint fails before any work starts
+    # a missing or bad checkpoint fails before any work starts (a bucket's transient errors are retried)
+    storage.retrying(check_weights)(spec.chain, spec.models)
     job_id = spec.resolved_job_id()
     manifest = Manifest(spec.dest, job_id)
     files = None
@@ -157,7 +158,7 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, progress, held)
     held.check()
-    _stitch_ready(spec, manifest, plan, temporal, log)
+    _stitch_ready(spec, manifest, plan, temporal, log, held)
     result.videos = summarize(manifest, plan, spec.max_attempts)
     return result
 
@@ -194,37 +195,40 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
         tasks = [{k: t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
-        writer = EventWriter(manifest)
         # on the driver's node, which lives as long as the job does (a worker node may be lost mid-pass)
         tries = Tries.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
-        try:  # whatever happens, results already back are committed
-            for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root, tries).iter_rows():
-                # A run that lost its lease records nothing more: the run that took over owns the job's events
-                # (the check reads two fields; a wave can outlast the lease's TTL).
-                held.check()
-                faults.maybe_fail("driver", row)
-                ok = not row["error_kind"]
-                writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
-                            "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
-                            "error_kind": row["error_kind"] or None, "error_message": row["error_message"] or None,
-                            "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
-                            "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
-                            "worker": row["worker"]})
-                chunks += 1
-                frames += int(row["frames_in"]) if ok else 0
-                key = (row["video_id"], int(row["chunk_index"]))
-                (failing.discard if ok else failing.add)(key)
-                progress.update(advance=_own_frames(row) if ok else 0, chunks_done=progress.fields["chunks_done"] + ok,
-                                failures=len(failing))
-                progress.event("chunk", video_id=row["video_id"], chunk_index=key[1], status="done" if ok else "failed",
-                               attempt=int(row["attempt"]), frames=int(row["frames_in"]),
-                               error=None if ok else f"{row['error_kind']}: {row['error_message']}")
-                if not ok:
-                    log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
-                        f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
+        # Whatever happens, results already back are committed (within about a second, and when the block is
+        # left), except by a run whose lease was taken over.
+        try:
+            with EventWriter(manifest, check=held.check) as writer:
+                for row in restore_dataset(tasks, spec, scale, temporal, manifest.segments_root, tries).iter_rows():
+                    # A run that lost its lease records nothing more: the run that took over owns the job's events
+                    # (the check reads two fields; a wave can outlast the lease's TTL).
+                    held.check()
+                    faults.maybe_fail("driver", row)
+                    ok = not row["error_kind"]
+                    writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
+                                "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
+                                "error_kind": row["error_kind"] or None,
+                                "error_message": row["error_message"] or None,
+                                "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
+                                "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
+                                "worker": row["worker"]})
+                    chunks += 1
+                    frames += int(row["frames_in"]) if ok else 0
+                    key = (row["video_id"], int(row["chunk_index"]))
+                    (failing.discard if ok else failing.add)(key)
+                    progress.update(advance=_own_frames(row) if ok else 0,
+                                    chunks_done=progress.fields["chunks_done"] + ok, failures=len(failing))
+                    progress.event("chunk", video_id=row["video_id"], chunk_index=key[1],
+                                   status="done" if ok else "failed", attempt=int(row["attempt"]),
+                                   frames=int(row["frames_in"]),
+                                   error=None if ok else f"{row['error_kind']}: {row['error_message']}")
+                    if not ok:
+                        log(f"chunk {row['chunk_index']} of {row['video_id']} failed "
+                            f"(attempt {row['attempt']}): {row['error_kind']}: {row['error_message']}")
         finally:
-            writer.flush()
             with contextlib.suppress(Exception):  # the connection may be gone with what is being raised
                 ray.kill(tries)
     return chunks, frames
@@ -270,8 +274,8 @@ def _fit_memory(wave: list[dict], manifest: Manifest, decode_cpus: float = 1.0) 
 
 
 def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal: int,
-                  log: Callable[[str], None]) -> None:
-    for _ in range(spec.max_attempts):
+                  log: Callable[[str], None], held: lease.Lease) -> None:
+    for round_ in range(spec.max_attempts):
         states = manifest.chunk_states()
         videos: dict[str, list[dict]] = {}
         for row in plan:
@@ -304,7 +308,10 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                            "segment_uri": jobs[vid]["output_uri"] if ok else None, "finished_at": time.time()})
             if not ok:
                 log(f"stitching {jobs[vid]['output_uri']} failed: {outcome}")
+        held.check()  # a run whose lease was taken over while it stitched records nothing
         manifest.append_events(events)
+        if round_ + 1 < spec.max_attempts and any(e["status"] == "failed" for e in events):
+            time.sleep(2.0 * 2 ** round_)  # a store that is down for a while gets a while before the next try
         for event in events:  # the segments are no longer needed once the output is published and recorded
             if event["status"] == "done":
                 for uri in jobs[event["video_id"]]["segments"]:

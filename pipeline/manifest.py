@@ -7,9 +7,10 @@ or pandas read a consistent table at any moment, and a crash loses at most the c
 from __future__ import annotations
 
 import io
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import JobSpec
+from pipeline.lease import LeaseLost
 from pipeline.schema import EVENTS, PLAN
 
 
@@ -136,21 +138,61 @@ class Manifest:
 
 
 class EventWriter:
-    """Buffers events and commits them as one part file at most every `interval` seconds (and on flush), so a
-    job over a million chunks writes a bounded number of parts while results stream back."""
+    """Buffers events and commits them as one part file about every `interval` seconds, so a job over a million
+    chunks writes a bounded number of parts while results stream back.
 
-    def __init__(self, manifest: Manifest, interval: float = 1.0):
+    A context manager: a background thread commits what is buffered every `interval` even while no result
+    comes (a slow chunk after a burst of fast ones), and leaving the block commits the rest. Before every commit
+    `check()` runs (the job's lease check): a run whose lease was taken over raises there and records nothing
+    more, since the run that took over owns the job's events; its buffer is dropped."""
+
+    def __init__(self, manifest: Manifest, interval: float = 1.0, check: Callable[[], None] = lambda: None):
         self.manifest = manifest
         self.interval = interval
+        self.check = check
         self.buffer: list[dict] = []
-        self.last = time.monotonic()
+        self.lock = threading.Lock()  # one commit at a time
+        self.guard = threading.Lock()  # the buffer itself: adding never waits for a commit
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True, name="reelmend-events")
+
+    def __enter__(self) -> EventWriter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        self.stop.set()
+        self.thread.join()
+        if kind is not None and issubclass(kind, LeaseLost):
+            self.buffer = []
+            return
+        self.flush()
 
     def add(self, event: dict) -> None:
-        self.buffer.append({"finished_at": time.time(), **event})
-        if time.monotonic() - self.last >= self.interval:
-            self.flush()
+        with self.guard:
+            self.buffer.append({"finished_at": time.time(), **event})
+
+    def _tick(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.flush()
+            except LeaseLost:
+                return  # the driver stops at its own next check
+            except Exception:  # noqa: BLE001 - storage trouble: the events stay buffered for the next commit
+                continue
 
     def flush(self) -> None:
-        self.manifest.append_events(self.buffer)
-        self.buffer = []
-        self.last = time.monotonic()
+        with self.lock:
+            with self.guard:
+                events, self.buffer = self.buffer, []
+            if not events:
+                return
+            try:
+                self.check()
+                self.manifest.append_events(events)
+            except LeaseLost:
+                raise
+            except BaseException:
+                with self.guard:
+                    self.buffer[:0] = events  # not committed: kept, in order, for the next try
+                raise

@@ -95,7 +95,8 @@ class RestoreStage:
         from models.chain import load_chain
 
         torch.set_num_threads(max(1, threads))
-        self.chain = load_chain(chain, models)
+        # the weights may be in a bucket: a transient error there is retried, not the end of the whole job
+        self.chain = storage.retrying(load_chain)(chain, models)
         if (limit := faults.memory_limit()) is not None:
             faults.limit_memory(self.chain, limit)
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import fsspec
@@ -21,8 +22,10 @@ from conftest import decode, ffmpeg, make_clip, psnr, write_tiny_weights
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.report import quality_section
+from jobs.report import busy_seconds, quality_section, utc
+from jobs.status import pick_job
 from models.weights import SHIPPED
+from pipeline.manifest import Manifest
 
 runner = CliRunner()
 ODD = "a'b\"c;$(touch x)&<b>.mp4"  # random bytes: must fail, and its name must render as text
@@ -103,6 +106,63 @@ def test_a_folder_without_a_job_exits_2_with_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "no reelmend job" in result.output
 
 
+def wall_time(page: str) -> float:
+    found = re.search(r"<td>wall time</td><td>([\d.]+) s with chunks in flight", page)
+    assert found, "the page shows no wall time"
+    return float(found.group(1))
+
+
+def test_a_job_resumed_a_day_later_counts_the_time_of_its_runs_not_the_day_between(job, tmp_path):
+    """The job above, then a second run a day later that redoes one chunk in 10 s (dispatched, decoding from
+    2 s on, recorded at 10 s): the wall time is the two runs' time added up, and the throughput is over that."""
+    first = Manifest(job.dest, pick_job(job.dest, None))
+    resumed = Manifest(str(tmp_path / "restored"), first.job_id)
+    resumed.write_spec(first.read_spec())
+    resumed.write_plan(first.read_plan().to_pylist())
+    events = first.read_events().to_pylist()
+    resumed.append_events(events)  # the first run, as it recorded itself
+    chunk = [e for e in events if e["status"] == "done" and e["chunk_index"] >= 0][-1]
+    later = max(t for e in events for t in (e["started_at"], e["finished_at"]) if t) + timedelta(days=1)
+    resumed.append_events([{"video_id": chunk["video_id"], "chunk_index": chunk["chunk_index"], "status": "running",
+                            "attempt": chunk["attempt"], "started_at": later}])
+    resumed.append_events([{**chunk, "started_at": later + timedelta(seconds=2),
+                            "finished_at": later + timedelta(seconds=10)}])
+    out = tmp_path / "page.html"
+    result = cli("report", str(tmp_path / "restored"), "--out", str(out), "--samples", "1")
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    alone = wall_time(job.page.read_text())  # the first run's page
+    assert 0 < alone < 600
+    assert abs(wall_time(page) - (alone + 10.0)) <= 0.11  # not a day and more
+    assert f"and {utc(later + timedelta(seconds=10))})" in page  # the span itself is still shown
+    frames = int(re.search(r"(\d+) source frames in done chunks", page).group(1))
+    throughput = float(re.search(r"([\d.]+) source frames/s over the wall time", page).group(1))
+    assert abs(throughput - frames / (alone + 10.0)) < 0.01 * frames / alone
+
+
+def test_wall_time_is_the_union_of_the_chunks_in_flight():
+    """Chunks in flight together count once; a chunk counts from its wave's dispatch, not from its decode; the
+    night between two runs, and events without a duration (a stitch, a chunk failed before dispatch), add nothing."""
+    t0 = datetime(2024, 5, 1, 20, 0, tzinfo=timezone.utc)
+
+    def at(seconds: float) -> datetime:
+        return t0 + timedelta(seconds=seconds)
+
+    def event(chunk: int, status: str, start: float | None, end: float | None) -> dict:
+        return {"video_id": "v", "chunk_index": chunk, "status": status, "started_at": None if start is None else at(start),
+                "finished_at": None if end is None else at(end)}
+
+    night = 12 * 3600
+    events = [event(0, "running", 0, None), event(1, "running", 0, None),
+              event(0, "done", 3, 20), event(1, "failed", 5, 30),  # run 1, wave 1: 0 to 30 s
+              event(2, "failed", None, 31),  # too big for any node: never dispatched
+              event(1, "running", 32, None), event(1, "done", 33, 40),  # wave 2: 32 to 40 s
+              event(-1, "done", None, 45),  # stitched
+              event(3, "running", night, None), event(3, "done", night + 1, night + 5)]  # run 2: 5 s
+    assert busy_seconds(events) == 30 + 8 + 5
+    assert busy_seconds([]) == 0.0
+
+
 def test_the_page_is_self_contained_and_shows_the_failure_as_text(job):
     page = job.page.read_text()
     # nothing is fetched: no remote or protocol-relative src/href, no CSS url() or @import, no external script
@@ -167,7 +227,9 @@ def test_chromium_draws_the_sample_frames(job, tmp_path):
     the wrong time, would not be found."""
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("chromium is not installed (`make test` installs it)")
+        if os.environ.get("REELMEND_REQUIRE_CHROMIUM", "") not in ("", "0"):  # set by `make test`
+            pytest.fail("chromium is not on PATH but REELMEND_REQUIRE_CHROMIUM is set: `make chromium` installs it")
+        pytest.skip("chromium is not installed (`make test` installs it and requires it)")
     output = job.output
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -52,3 +52,56 @@ def test_a_part_that_sorts_before_the_folded_ones_refolds_everything(tmp_path):
     states = m.chunk_states()
     assert states == Manifest(dest, "job-b").chunk_states()
     assert states[("v1", 0)].status == "done" and states[("v1", 0)].failures == 1
+
+
+def _event(i: int) -> dict:
+    return {"video_id": "v", "chunk_index": i, "status": "done", "attempt": 1}
+
+
+def test_event_writer_commits_while_no_result_comes_and_keeps_what_a_failed_commit_held(tmp_path, monkeypatch):
+    import time
+
+    from pipeline.manifest import EventWriter
+
+    manifest = Manifest(str(tmp_path / "out"), "job-x")
+    with EventWriter(manifest, interval=0.1) as writer:
+        writer.add(_event(0))
+        writer.add(_event(1))
+        deadline = time.monotonic() + 10
+        while manifest.read_events().num_rows < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # nothing else is added: the writer's own thread must commit them
+        assert [e["chunk_index"] for e in manifest.read_events().to_pylist()] == [0, 1]
+
+        real = manifest.append_events
+        monkeypatch.setattr(manifest, "append_events", lambda events: (_ for _ in ()).throw(OSError("store down")))
+        writer.add(_event(2))
+        time.sleep(0.35)  # commits fail: the event stays buffered
+        monkeypatch.setattr(manifest, "append_events", real)
+        writer.add(_event(3))
+    assert [e["chunk_index"] for e in manifest.read_events().to_pylist()] == [0, 1, 2, 3]
+
+
+def test_event_writer_of_a_run_that_lost_its_lease_records_nothing(tmp_path):
+    import pytest
+
+    from pipeline.lease import LeaseLost
+    from pipeline.manifest import EventWriter
+
+    manifest = Manifest(str(tmp_path / "out"), "job-x")
+    lost = False
+
+    def check() -> None:
+        if lost:
+            raise LeaseLost("taken over")
+
+    with pytest.raises(LeaseLost):
+        with EventWriter(manifest, interval=0.1, check=check) as writer:
+            lost = True
+            writer.add(_event(0))
+            writer.add(_event(1))
+            raise LeaseLost("taken over")  # as the driver's own check would
+    with EventWriter(manifest, interval=60, check=check) as writer:  # nor does leaving the block commit
+        writer.add(_event(2))
+        with pytest.raises(LeaseLost):
+            writer.flush()
+    assert manifest.read_events().num_rows == 0

@@ -1,0 +1,60 @@
+"""`pipeline.ffmpeg.run`, the one way reelmend starts FFmpeg: a call that never ends is killed at its timeout and
+reaped, and a call that fails says why in FFmpeg's own words."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from pipeline import ffmpeg
+
+# A source that never ends by itself: the test pattern with no duration, read in real time (-re), so FFmpeg runs
+# until it is killed, without spinning a core the way an unthrottled source would.
+ENDLESS = [*ffmpeg.BASE, "-re", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25"]
+
+
+def ffmpeg_children() -> list[psutil.Process]:
+    """This process's FFmpeg children, zombies (exited but never waited for) included."""
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "ffmpeg"]
+
+
+@pytest.mark.parametrize("output", ["returned", "read into an array"])
+def test_an_endless_call_is_killed_at_its_timeout_and_reaped(output):
+    assert not ffmpeg_children()
+    started = time.monotonic()
+    with pytest.raises(ffmpeg.FFmpegError) as raised:
+        if output == "returned":  # nothing on stdout: run waits for FFmpeg to exit
+            ffmpeg.run([*ENDLESS, "-f", "null", "-"], timeout=2.0, what="reading the test pattern failed")
+        else:  # frames on stdout, fewer than asked for in 2 s at 25 frames/s
+            frames = np.empty((1000, 48, 64, 3), np.uint8)
+            ffmpeg.run([*ENDLESS, "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"], timeout=2.0, stdout_into=frames,
+                       what="reading the test pattern failed")
+    elapsed = time.monotonic() - started
+    assert str(raised.value) == "reading the test pattern failed: timed out after 2 s"
+    # killed at the timeout rather than left to run (generous: a loaded machine takes a while to start FFmpeg)
+    assert 2.0 <= elapsed < 30.0
+    assert not ffmpeg_children()  # killed and waited for: neither running nor a zombie
+
+
+def test_a_missing_input_fails_with_ffmpegs_reason(tmp_path):
+    missing = str(tmp_path / "gone.mp4")
+    with pytest.raises(ffmpeg.FFmpegError) as raised:
+        ffmpeg.run([*ffmpeg.BASE, *ffmpeg.input_args(missing), "-i", missing, "-f", "null", "-"], timeout=60.0,
+                   what="decoding failed")
+    assert str(raised.value) == f"decoding failed: {missing}: No such file or directory"
+    assert raised.value.what == "decoding failed" and not ffmpeg_children()
+
+
+def test_a_file_that_is_not_media_fails_with_ffmpegs_reason_on_one_line(tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ffmpeg.FFmpegError) as raised:
+        ffmpeg.run([*ffmpeg.BASE, *ffmpeg.input_args(str(junk)), "-i", str(junk), "-f", "null", "-"], timeout=60.0,
+                   what="decoding failed")
+    message = str(raised.value)
+    assert message.startswith("decoding failed: ") and "Invalid data found when processing input" in message
+    # FFmpeg's log context ("[mov,mp4,... @ 0x55d3a861e1c0]") is dropped, and the reason is one line
+    assert "@ 0x" not in message and "\n" not in message
