@@ -24,7 +24,7 @@ from pipeline.manifest import ChunkState, EventWriter, Manifest
 from pipeline.plan import failed_video_row, plan_video, video_id
 from pipeline.probe import VideoInfo
 from pipeline.schema import TASK_FIELDS
-from pipeline.run import (Tries, connect, decode_memory, frame_bytes, largest_node_memory, probe_all,
+from pipeline.run import (Tries, check_resources, connect, decode_memory, frame_bytes, largest_node_memory, probe_all,
                           restore_dataset, stitch_all)
 
 NO_EVENTS = ChunkState("pending")
@@ -98,6 +98,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     """Run (or resume) the job; `progress` shows it live (default: `log` lines with a count every 10 s)."""
     started = time.monotonic()
     progress = progress or Progress("plain", log=log)
+    if address and address.startswith("ray://"):
+        return _run_job_on_cluster(spec, address, progress)
     storage.configure(spec.storage_options)
     # a missing or bad checkpoint fails before any work starts (a bucket's transient errors are retried)
     storage.retrying(check_weights)(spec.chain, spec.models)
@@ -109,11 +111,13 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         files = storage.list_files(spec.src)
         if not files:
             raise FileNotFoundError(f"no files under {spec.src}")
+    connect(address)
+    check_resources(spec.resources)  # what no node can run would wait forever
     with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
         try:
             spec = _agree_with_stored(spec, manifest)
             try:
-                result = _run_job(spec, job_id, manifest, address, progress, held, files)
+                result = _run_job(spec, job_id, manifest, progress, held, files)
             except (lease.LeaseLost, KeyboardInterrupt):
                 raise
             except Exception as err:  # whatever it is, it is no longer a problem of the command line
@@ -123,6 +127,66 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
             progress.stop()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress) -> JobResult:
+    """Ray Client (`--address ray://head:10001`, from a machine outside the cluster): Ray Data cannot drive a
+    job through the client, so the job's driver runs on the cluster's head node as a task, and its progress
+    comes back here through a queue. Paths are the cluster's: SRC and DEST are buckets, or shared folders.
+    Errors come back as raised there (a usage error is still exit 2); interrupting this stops that driver."""
+    from ray.util.queue import Empty, Queue
+
+    connect(address)
+    calls = Queue()
+    ref = _drive_on_cluster.options(resources={"node:__internal_head__": 0.001}).remote(spec, calls)
+    try:
+        while True:
+            done, _ = ray.wait([ref], timeout=0.5)
+            while True:
+                try:
+                    name, args, kwargs = calls.get_nowait()
+                except Empty:
+                    break
+                getattr(progress, name)(*args, **kwargs)
+            if done:
+                break
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            raise (err.cause or err) from None
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    finally:
+        progress.stop()
+
+
+class _Relay(Progress):
+    """The progress of a driver running on the cluster: kept there (the job reads its figures) and forwarded,
+    call by call, to the client's own Progress, which shows it in the mode the user chose."""
+
+    def __init__(self, calls) -> None:
+        super().__init__("quiet")
+        self.calls = calls
+
+    def log(self, message: str) -> None:
+        self.calls.put(("log", (message,), {}))
+
+    def start(self, *args, **kwargs) -> None:
+        super().start(*args, **kwargs)
+        self.calls.put(("start", args, kwargs))
+
+    def update(self, advance: int = 0, **fields) -> None:
+        super().update(advance, **fields)
+        self.calls.put(("update", (advance,), fields))
+
+    def event(self, name: str, **fields) -> None:
+        self.calls.put(("event", (name,), fields))
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _drive_on_cluster(spec: JobSpec, calls) -> JobResult:
+    return run_job(spec, progress=_Relay(calls))
 
 
 def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
@@ -141,16 +205,14 @@ def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
     return spec
 
 
-def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, address: str | None,
+def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
              progress: Progress, held: lease.Lease, files: list[tuple[str, str]] | None) -> JobResult:
     log = progress.log
     if manifest.has_plan():
         log(f"resuming job {job_id}")
-        connect(address)
     else:
         if files is None:  # the plan another run was making when this one looked is gone (that run failed)
             files = storage.list_files(spec.src)
-        connect(address)
         make_plan(spec, job_id, manifest, files, log)
     plan = manifest.read_plan().to_pylist()
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)

@@ -10,7 +10,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline import storage
-from pipeline.config import JobSpec
+from pipeline.config import JobSpec, ResourceSpec
 from pipeline.probe import ProbeError, VideoInfo, probe
 from pipeline.stages import PROCESS_RETRIES, RestoreStage, decode_chunk, encode_chunk, lost_reason
 from pipeline.stitch import stitch_video
@@ -41,7 +41,24 @@ def connect(address: str | None) -> None:
         if address is None and "RAY_ADDRESS" not in os.environ:
             start_local()
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=code_env())
+
+
+def code_env() -> dict | None:
+    """The runtime environment that brings this driver's code to a cluster's workers: the project's packages
+    (with the shipped weights), uploaded once per version and put first on the workers' import path, so the
+    workers run exactly the driver's code whatever their image holds. The cluster provides the dependencies
+    (torch, FFmpeg: the image in infra/). None inside a `ray job submit` entrypoint, whose job's runtime
+    environment (`--working-dir`, or the image) already decides, and with REELMEND_SHIP_CODE=0."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("REELMEND_SHIP_CODE") == "0":
+        return None
+    import jobs
+    import models
+    import pipeline
+
+    # paths, not the modules: Ray Client (ray://) pickles the runtime environment
+    return {"py_modules": [os.path.dirname(p.__file__) for p in (pipeline, models, jobs)],
+            "excludes": ["__pycache__", "*.pyc"]}
     # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI
     # that shows its own progress; its errors stay.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -54,6 +71,35 @@ def connect(address: str | None) -> None:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def restore_gpus(res: ResourceSpec) -> float:
+    """GPUs per restore actor: as asked, else one where the cluster has GPUs (and CPU torch where it has none)."""
+    return res.restore_gpus if res.restore_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
+
+
+def check_resources(res: ResourceSpec) -> None:
+    """Refuse, before any work, what no live node could run: Ray would wait forever for a node offering it (a
+    decode task of 64 CPUs, a GPU actor on a CPU-only cluster, more restore actors than fit). On an autoscaling
+    cluster, the nodes a job needs must be up (min_workers) or the request sized to the nodes that are."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = restore_gpus(res)
+    needs = {"--decode-cpus": {"CPU": res.decode_cpus}, "--encode-cpus": {"CPU": res.encode_cpus},
+             "--restore-cpus/--restore-gpus": {"CPU": res.restore_cpus, "GPU": gpus}}
+
+    def fits(node: dict, need: dict) -> int:  # how many of `need` the node holds at once
+        return int(min(node.get(k, 0.0) // v for k, v in need.items() if v))
+
+    offered = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes) or "no live node"
+    for flags, need in needs.items():
+        if not any(fits(n, need) for n in nodes):
+            asked = ", ".join(f"{v:g} {k}" for k, v in need.items() if v)
+            raise ValueError(f"{flags}: no node of this cluster offers {asked} (its nodes: {offered}); ask for "
+                             "less, or add a node that has it")
+    actors = sum(fits(n, needs["--restore-cpus/--restore-gpus"]) for n in nodes)
+    if actors < res.restore_actors_min:
+        raise ValueError(f"--actors: at least {res.restore_actors_min} restore actors asked for, but this "
+                         f"cluster holds {actors} at once (its nodes: {offered}); lower the minimum")
 
 
 def frame_bytes(task: dict) -> int:
@@ -127,7 +173,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     One chunk per block and per batch: chunks of different videos differ in size and bit depth, and a chunk
     (about 2 s of frames) is already a large unit of work."""
     res = spec.resources
-    gpus = res.restore_gpus if res.restore_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
+    gpus = restore_gpus(res)
     # A decode task holds its frames, and FFmpeg's pipe buffer: declared so Ray never packs more decodes on a
     # node than its memory holds. (Declaring it also keeps decode out of the restore actors: Ray Data fuses a
     # task stage into the next actor stage when their resources are equal, which would serialise the two.)

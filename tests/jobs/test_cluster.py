@@ -25,9 +25,9 @@ def cluster():
     """cluster([node args...]): a head that holds the driver and no work (num_cpus=0), plus worker nodes."""
     made = []
 
-    def make(nodes: list[dict]):
+    def make(nodes: list[dict], **head):
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                          "dashboard_agent_listen_port": free_port()})
+                                                          "dashboard_agent_listen_port": free_port(), **head})
         made.append(c)
         workers = [c.add_node(object_store_memory=150 * 2**20, **args) for args in nodes]
         c.wait_for_nodes()
@@ -45,10 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def restore(c: Cluster, src: Path, dest: Path, *args: str) -> subprocess.Popen:
+def restore(c: Cluster, src: Path, dest: Path, *args: str, address: str | None = None) -> subprocess.Popen:
     reelmend = str(Path(sys.executable).with_name("reelmend"))
     env = {k: v for k, v in os.environ.items() if k != "REELMEND_FAULTS"}
-    return subprocess.Popen([reelmend, "restore", str(src), str(dest), "--address", c.address, *args],
+    return subprocess.Popen([reelmend, "restore", str(src), str(dest), "--address", address or c.address, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
@@ -68,6 +68,18 @@ def nodes_running(workers, name: str) -> list:
                 found += [raylets[p.pid] for p in proc.parents() if p.pid in raylets]
         except psutil.Error:
             continue  # it ended while we looked
+    return found
+
+
+def python_paths(name: str) -> list[str]:
+    """The PYTHONPATH of each process whose title contains `name`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if name in " ".join(proc.info["cmdline"] or []):
+                found.append(proc.environ().get("PYTHONPATH", ""))
+        except psutil.Error:
+            continue
     return found
 
 
@@ -114,7 +126,9 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     # Ray's scheduler keeps tasks that need no GPU off GPU nodes while CPU nodes have room
     # (RAY_scheduler_avoid_gpu_nodes), but spills onto them when the CPU nodes are full, so decode and encode
     # run mostly, not only, on the CPU node.
-    c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2}, {"num_cpus": 1, "num_gpus": 1}])
+    client_port = free_port()  # and the driver joins through Ray Client, as from a laptop: ray://head:port
+    c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2}, {"num_cpus": 1, "num_gpus": 1}],
+                                      ray_client_server_port=client_port)
     src = tmp_path / "in"
     src.mkdir()
     ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "60", "-vf", "scale=160:68", "-c:v", "libx264",
@@ -122,14 +136,21 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     weights = write_tiny_weights(tmp_path / "weights", "sr2x", perturb=0.05)
     dest = tmp_path / "out"
     driver = restore(c, src, dest, "--chain", "sr2x", "--models", str(weights), "--lossless", "--chunk-frames",
-                     "10", "--actors", "1:2")
+                     "10", "--actors", "1:2", address=f"ray://127.0.0.1:{client_port}")
     seen: dict[str, set] = {"RestoreStage": set(), "decode_chunk": set(), "encode_chunk": set()}
+    paths = set()
     while driver.poll() is None:
         for name, nodes in seen.items():
             nodes.update(id(n) for n in nodes_running([cpu_node, gpu_node], name))
+        paths.update(python_paths("RestoreStage"))
         time.sleep(0.02)
-    assert driver.returncode == 0, driver.stdout.read().decode(errors="replace")[-3000:]
+    shown = driver.stdout.read().decode(errors="replace")
+    assert driver.returncode == 0, shown[-3000:]
+    # Ray Data cannot drive a job through Ray Client: the driver ran on the head node, its progress relayed here
+    assert "stitching 1 video(s)" in shown and "60/60 frames (100%)" in shown, shown[-3000:]
     assert seen["RestoreStage"] == {id(gpu_node)}  # every restore actor, on the GPU node
+    # the code reached the workers through the job's runtime environment (py_modules), not the workers' venv
+    assert any("runtime_resources/py_modules_files" in p for p in paths), paths
     assert id(cpu_node) in seen["decode_chunk"] and id(cpu_node) in seen["encode_chunk"]
     frames = decode(dest / "bikes.mkv")
     assert frames.shape == (60, 136, 320, 3)

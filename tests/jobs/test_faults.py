@@ -180,3 +180,19 @@ def test_a_driver_error_mid_job_exits_1_with_one_line_and_resume_finishes(tmp_pa
     assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
     done = [e["chunk_index"] for e in chunk_events(dest) if e["status"] == "done"]
     assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_resources_no_node_offers_are_refused_before_any_work(tmp_path, ray_address):
+    """Ray would wait forever for a node that can run such a stage: the job is refused up front (exit 2), and
+    DEST is left untouched."""
+    src = tmp_path / "in"
+    make_clip(src / "clip.mkv", frames=4, extra=("-c:v", "ffv1"))
+    dest = tmp_path / "out"
+    for args, message in ((["--restore-gpus", "1"], "--restore-cpus/--restore-gpus: no node of this cluster "
+                                                     "offers 1 CPU, 1 GPU"),
+                          (["--decode-cpus", "64"], "--decode-cpus: no node of this cluster offers 64 CPU"),
+                          (["--actors", "64:64"], "at least 64 restore actors asked for")):
+        result = cli("restore", str(src), str(dest), *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+        assert not dest.exists()
