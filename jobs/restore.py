@@ -8,6 +8,7 @@ times, then the stitch of every video whose chunks are all done.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,7 +113,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         if not files:
             raise FileNotFoundError(f"no files under {spec.src}")
     connect(address)
-    check_resources(spec.resources)  # what no node can run would wait forever
+    # what no node can run would wait forever; a cluster this job joined may add such nodes
+    check_resources(spec.resources, can_grow=address is not None or "RAY_ADDRESS" in os.environ, log=progress.log)
     with lease.hold(manifest.root) as held:  # one driver per job: a second `resume` stops here with LeaseHeld
         try:
             spec = _agree_with_stored(spec, manifest)

@@ -106,11 +106,12 @@ class Manifest:
         folder = storage.join(self.root, "events")
         return sorted(n for n in storage.ls(folder) if n.startswith("part-") and n.endswith(".parquet"))
 
-    def _read_part(self, name: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.root, "events", name))))
+    def _read_parts(self, names: list[str]) -> list[pa.Table]:
+        blobs = storage.read_many([storage.join(self.root, "events", n) for n in names])
+        return [pq.read_table(io.BytesIO(b)) for b in blobs]
 
     def read_events(self) -> pa.Table:
-        tables = [self._read_part(n) for n in self._event_parts()]
+        tables = self._read_parts(self._event_parts())
         return pa.concat_tables(tables) if tables else EVENTS.empty_table()
 
     def chunk_states(self) -> dict[tuple[str, int], ChunkState]:
@@ -125,8 +126,8 @@ class Manifest:
         new = [n for n in parts if n not in self._folded]
         if new and new[0] < self._last_folded:
             self._states, self._folded, new = {}, set(), parts
-        for name in new:
-            for e in self._read_part(name).to_pylist():
+        for name, table in zip(new, self._read_parts(new)):
+            for e in table.to_pylist():
                 key = (e["video_id"], e["chunk_index"])
                 prev = self._states.get(key)
                 failures = (prev.failures if prev else 0) + (e["status"] == "failed")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -78,14 +79,40 @@ def restore_gpus(res: ResourceSpec) -> float:
     return res.restore_gpus if res.restore_gpus is not None else (1.0 if cluster_has_gpus() else 0.0)
 
 
-def check_resources(res: ResourceSpec) -> None:
-    """Refuse, before any work, what no live node could run: Ray would wait forever for a node offering it (a
-    decode task of 64 CPUs, a GPU actor on a CPU-only cluster, more restore actors than fit). On an autoscaling
-    cluster, the nodes a job needs must be up (min_workers) or the request sized to the nodes that are."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+# How long a job on a cluster it joined waits for the nodes it needs (an autoscaling cluster launching a GPU node
+# takes minutes) before it is refused; a local instance cannot grow, and refuses at once.
+NODE_WAIT_S = float(os.environ.get("REELMEND_NODE_WAIT_S", 600))
+
+
+def check_resources(res: ResourceSpec, *, can_grow: bool, log: Callable[[str], None] = print) -> None:
+    """Refuse, before any work, what no node could run: Ray would wait forever for a node offering it (a decode
+    task of 64 CPUs, a GPU actor on a CPU-only cluster, more restore actors than fit). On a cluster that
+    `can_grow` (one this job joined) the job first asks the autoscaler for such nodes and waits NODE_WAIT_S."""
     gpus = restore_gpus(res)
     needs = {"--decode-cpus": {"CPU": res.decode_cpus}, "--encode-cpus": {"CPU": res.encode_cpus},
              "--restore-cpus/--restore-gpus": {"CPU": res.restore_cpus, "GPU": gpus}}
+    problem = _unmet(res, needs)
+    if problem and can_grow and NODE_WAIT_S > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        log(f"{problem}; waiting up to {NODE_WAIT_S:.0f} s for the cluster to add nodes")
+        bundles = [needs["--decode-cpus"], needs["--encode-cpus"],
+                   *[needs["--restore-cpus/--restore-gpus"]] * res.restore_actors_min]
+        request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+        deadline = time.monotonic() + NODE_WAIT_S
+        try:
+            while problem and time.monotonic() < deadline:
+                time.sleep(5)
+                problem = _unmet(res, needs)
+        finally:
+            request_resources(bundles=[])  # from here the job's own tasks and actors hold what they need
+    if problem:
+        raise ValueError(f"{problem}; ask for less, or add a node that has it")
+
+
+def _unmet(res: ResourceSpec, needs: dict[str, dict[str, float]]) -> str | None:
+    """What no live node offers, in words, or None."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
     def fits(node: dict, need: dict) -> int:  # how many of `need` the node holds at once
         return int(min(node.get(k, 0.0) // v for k, v in need.items() if v))
@@ -94,12 +121,12 @@ def check_resources(res: ResourceSpec) -> None:
     for flags, need in needs.items():
         if not any(fits(n, need) for n in nodes):
             asked = ", ".join(f"{v:g} {k}" for k, v in need.items() if v)
-            raise ValueError(f"{flags}: no node of this cluster offers {asked} (its nodes: {offered}); ask for "
-                             "less, or add a node that has it")
+            return f"{flags}: no node of this cluster offers {asked} (its nodes: {offered})"
     actors = sum(fits(n, needs["--restore-cpus/--restore-gpus"]) for n in nodes)
     if actors < res.restore_actors_min:
-        raise ValueError(f"--actors: at least {res.restore_actors_min} restore actors asked for, but this "
-                         f"cluster holds {actors} at once (its nodes: {offered}); lower the minimum")
+        return (f"--actors: at least {res.restore_actors_min} restore actors asked for, but this cluster holds "
+                f"{actors} at once (its nodes: {offered})")
+    return None
 
 
 def frame_bytes(task: dict) -> int:

@@ -167,6 +167,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 @retrying
+def read_many(uris: list[str]) -> list[bytes]:
+    """Several small objects of one store, in order. Object stores fetch them concurrently (one `cat` call):
+    reading a long job's manifest parts one by one would cost a round trip each."""
+    if not uris:
+        return []
+    fs, _ = fs_and_path(uris[0])
+    paths = [fs_and_path(u)[1] for u in uris]
+    found = fs.cat(paths, on_error="raise")
+    return [found[p] for p in paths] if isinstance(found, dict) else [found]
+
+
+@retrying
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a small object so that readers see either nothing or all of it."""
     fs, path = fs_and_path(uri)

@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def restore(c: Cluster, src: Path, dest: Path, *args: str, address: str | None = None) -> subprocess.Popen:
+def restore(c: Cluster, src: Path, dest: Path, *args: str, address: str | None = None,
+            **env_vars: str) -> subprocess.Popen:
     reelmend = str(Path(sys.executable).with_name("reelmend"))
-    env = {k: v for k, v in os.environ.items() if k != "REELMEND_FAULTS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "REELMEND_FAULTS"}, **env_vars}
     return subprocess.Popen([reelmend, "restore", str(src), str(dest), "--address", address or c.address, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
@@ -154,6 +155,31 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     assert id(cpu_node) in seen["decode_chunk"] and id(cpu_node) in seen["encode_chunk"]
     frames = decode(dest / "bikes.mkv")
     assert frames.shape == (60, 136, 320, 3)
+
+
+def test_a_job_waits_for_a_node_it_needs_on_a_cluster_that_can_grow(tmp_path, clips, cluster):
+    """A GPU actor asked for on a cluster with no GPU node up yet (an autoscaling cluster scaled to zero): the
+    job asks the autoscaler for one and waits; here the node is added by hand while it waits. With no node
+    coming, the job is refused (exit 2) once the wait is over, DEST untouched."""
+    c, _ = cluster([{"num_cpus": 2}])
+    src = tmp_path / "in"
+    src.mkdir()
+    ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "20", "-vf", "scale=96:64", "-c:v", "ffv1",
+           str(src / "bikes.mkv"))
+    refused = restore(c, src, tmp_path / "refused", "--restore-gpus", "1", "--lossless", REELMEND_NODE_WAIT_S="2")
+    shown = refused.communicate(timeout=300)[0].decode(errors="replace")
+    assert refused.returncode == 2, shown[-3000:]
+    assert "no node of this cluster offers 1 CPU, 1 GPU" in " ".join(shown.split())
+    assert not (tmp_path / "refused").exists()
+
+    driver = restore(c, src, tmp_path / "out", "--restore-gpus", "1", "--lossless")
+    time.sleep(10)
+    assert driver.poll() is None  # still waiting
+    c.add_node(num_cpus=1, num_gpus=1, object_store_memory=150 * 2**20)
+    shown = driver.communicate(timeout=300)[0].decode(errors="replace")
+    assert driver.returncode == 0, shown[-3000:]
+    assert "waiting up to 600 s for the cluster to add nodes" in shown
+    assert np.array_equal(decode(tmp_path / "out" / "bikes.mkv"), decode(src / "bikes.mkv"))
 
 
 def test_ray_job_submit_runs_a_restore_on_the_cluster(tmp_path):

@@ -17,8 +17,8 @@ def test_chunk_states_read_only_new_parts_and_match_a_fresh_fold(tmp_path, monke
     dest = str(tmp_path / "out")
     m = Manifest(dest, "job-a")
     read = []
-    original = Manifest._read_part
-    monkeypatch.setattr(Manifest, "_read_part", lambda self, name: read.append(name) or original(self, name))
+    original = Manifest._read_parts
+    monkeypatch.setattr(Manifest, "_read_parts", lambda self, names: read.extend(names) or original(self, names))
 
     m.append_events([event(0, "running"), event(1, "running")])
     m.append_events([event(0, "failed")])
