@@ -116,3 +116,39 @@ def test_no_credentials_in_infra():
         assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # an AWS access key id
         assert not re.search(r"(?i)(secret_access_key|aws_secret)\s*[:=]\s*\S", text), path
         assert os.environ.get("AWS_SECRET_ACCESS_KEY", "never-set") not in text
+
+
+def ray_start_commands() -> list[tuple[str, list[str]]]:
+    """Every `ray start` the launcher config runs, and the one KubeRay builds from each group's rayStartParams."""
+    config = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    found = [(f"cluster.yaml: {line}", shlex.split(line)[2:])
+             for key in ("head_start_ray_commands", "worker_start_ray_commands") for line in config[key]
+             if line.startswith("ray start")]
+    (cluster,) = [d for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d["kind"] == "RayCluster"]
+    groups = [("head", cluster["spec"]["headGroupSpec"])] + [(g["groupName"], g)
+                                                             for g in cluster["spec"]["workerGroupSpecs"]]
+    for name, group in groups:
+        params = [f"--{k}={v}" for k, v in group["rayStartParams"].items()]
+        found.append((f"raycluster.yaml {name}: {params}", (["--head"] if name == "head" else []) + params))
+    return found
+
+
+@pytest.mark.parametrize("where,args", ray_start_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_ray_start_in_infra_parses_with_rays_cli(where, args):
+    from ray.scripts.scripts import start
+
+    args = [a.replace("$RAY_HEAD_IP", "10.0.0.1") for a in args]
+    try:
+        start.make_context("start", args)  # parses and validates every flag; starts nothing
+    except Exception as err:  # click's usage errors
+        pytest.fail(f"{where}: {getattr(err, 'format_message', lambda: str(err))()}")
+
+
+def test_cluster_launcher_nodes_boot_an_image_with_gpu_drivers_and_docker():
+    """The `docker:` block needs Docker on the host, the g5 workers an NVIDIA driver: AWS's Deep Learning Base AMI
+    has both (a stock Ubuntu AMI has neither)."""
+    config = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    for name, node in config["available_node_types"].items():
+        image = node["node_config"]["ImageId"]
+        assert image == ("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                         "base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"), (name, image)
