@@ -350,12 +350,14 @@ def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
 
 
 def _presigned_url(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    """An HTTP(S) URL FFmpeg can read with range requests, when the filesystem can sign one (s3fs, gcsfs)."""
+    """An HTTP(S) URL FFmpeg can read with range requests, when the filesystem can sign one (fsspec's `sign`:
+    s3fs always, gcsfs with service-account credentials). A plain `url()` is not enough: gcsfs's is unsigned,
+    which a private bucket refuses."""
     try:
         # Valid for the longest single FFmpeg read (a packet scan or stitch of a long source over HTTP, which
         # reconnects with the same URL); never logged (FFmpeg's errors are redacted). Temporary credentials
         # (an instance profile's) may end it sooner.
-        url = fs.url(path, expires=6 * 3600)
-    except (NotImplementedError, AttributeError, TypeError):
+        url = fs.sign(path, expiration=6 * 3600)
+    except Exception:  # noqa: BLE001 - cannot sign (not implemented, credentials that cannot): stage a copy
         return None
     return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
