@@ -55,7 +55,8 @@ class ResourceSpec(Frozen):
     @model_validator(mode="after")
     def _pool_bounds(self) -> ResourceSpec:
         if self.restore_actors_max < self.restore_actors_min:
-            raise ValueError("restore_actors_max must be >= restore_actors_min")
+            raise ValueError("the restore actor pool's maximum (restore_actors_max) must be at least its minimum "
+                             "(restore_actors_min): --actors MIN:MAX, e.g. 1:8")
         return self
 
 

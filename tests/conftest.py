@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -155,3 +156,30 @@ def copy_clip(clips):
         shutil.copyfile(clips / name, dest)
         return dest
     return copy
+
+
+@pytest.fixture
+def cluster():
+    """cluster([node args...]): a head that holds the driver and no work (num_cpus=0), plus worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    made = []
+
+    def make(nodes: list[dict], **head):
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                          "dashboard_agent_listen_port": free_port(), **head})
+        made.append(c)
+        workers = [c.add_node(object_store_memory=150 * 2**20, **args) for args in nodes]
+        c.wait_for_nodes()
+        return c, workers
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def free_port() -> int:
+    """A port for a head's dashboard agent: its default (52365) is taken by the session's own Ray instance."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

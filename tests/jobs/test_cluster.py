@@ -5,7 +5,6 @@ completes frame-exact; on CPU and GPU nodes, the restore actors land on the GPU 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,34 +14,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
-import pytest
-from conftest import decode, ffmpeg, make_clip, write_tiny_weights
+from conftest import decode, ffmpeg, free_port, make_clip, write_tiny_weights
 from ray.cluster_utils import Cluster
-
-
-@pytest.fixture
-def cluster():
-    """cluster([node args...]): a head that holds the driver and no work (num_cpus=0), plus worker nodes."""
-    made = []
-
-    def make(nodes: list[dict], **head):
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                          "dashboard_agent_listen_port": free_port(), **head})
-        made.append(c)
-        workers = [c.add_node(object_store_memory=150 * 2**20, **args) for args in nodes]
-        c.wait_for_nodes()
-        return c, workers
-
-    yield make
-    for c in made:
-        c.shutdown()
-
-
-def free_port() -> int:
-    """A port for a head's dashboard agent: its default (52365) is taken by the session's own Ray instance."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def restore(c: Cluster, src: Path, dest: Path, *args: str, address: str | None = None,
