@@ -8,6 +8,7 @@ times, then the stitch of every video whose chunks are all done.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -258,7 +259,7 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
         log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
-        tasks = [{k: t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
+        tasks = [{k: t.get(k, "") for k in (*TASK_FIELDS, "attempt")} for t in wave]  # (old plans: no chunk_times)
         # on the driver's node, which lives as long as the job does (a worker node may be lost mid-pass)
         tries = Tries.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
@@ -358,6 +359,9 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
             jobs[vid] = {"source_uri": first["source_uri"], "output_uri": first["output_uri"],
                          "out_format": first["out_format"], "probe_json": first["probe_json"],
                          "segments": [s.segment_uri for s in chunk_states],
+                         # a variable-rate video's segments each last exactly their chunk's span of the source
+                         "durations": ([json.loads(r["chunk_times"])[-1] for r in rows]
+                                       if all(r.get("chunk_times") for r in rows) else None),
                          "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root}
         if not jobs:
             return

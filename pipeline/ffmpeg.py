@@ -432,14 +432,22 @@ def encode_args(*, codec: str, crf: int, preset: str, lossless: bool, depth: int
 
 
 def encode_segment(frames: np.ndarray, out_path: str, *, fps: Fraction, codec_args: list[str], matrix: str,
-                   full_range: bool | None, colour_tags: dict[str, str]) -> None:
-    """Pipe RGB frames into FFmpeg and write a video-only Matroska segment."""
+                   full_range: bool | None, colour_tags: dict[str, str], times: list[float] | None = None) -> None:
+    """Pipe RGB frames into FFmpeg and write a video-only Matroska segment: at `fps`, or with each frame at its
+    `times` (seconds from the first; a variable-rate source's)."""
     n, h, w, _ = frames.shape
     pix_in = "rgb48le" if frames.dtype == np.uint16 else "rgb24"
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
+    scale = f"scale=out_color_matrix={matrix}:out_range={rng}:flags=accurate_rnd+full_chroma_int"
+    timing: list[str] = []
+    if times is not None:
+        if len(times) != n:
+            raise ValueError(f"{len(times)} frame times for {n} frames")
+        # a fine time base all the way to the muxer: the input's (1/fps) would round every time to a frame
+        scale = f"settb=1/90000,setpts='({pts_expression(times)})/TB',{scale}"
+        timing = ["-fps_mode", "passthrough", "-enc_time_base", "1/90000"]
     args = [*BASE, "-f", "rawvideo", "-pix_fmt", pix_in, "-s", f"{w}x{h}",
-            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
-            "-vf", f"scale=out_color_matrix={matrix}:out_range={rng}:flags=accurate_rnd+full_chroma_int",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0", "-vf", scale, *timing,
             *codec_args]
     for option, value in colour_tags.items():
         args += [f"-{option}", value]
@@ -451,9 +459,44 @@ def encode_segment(frames: np.ndarray, out_path: str, *, fps: Fraction, codec_ar
 
 # -- stitch -------------------------------------------------------------------------------------------------
 
-def concat_list(paths: list[str]) -> str:
-    """An FFmpeg concat-demuxer script; single quotes escaped as the demuxer's quoting rules require."""
-    return "ffconcat version 1.0\n" + "".join("file '" + p.replace("'", "'\\''") + "'\n" for p in paths)
+def pts_expression(times: list[float], max_runs: int = 2000) -> str:
+    """An FFmpeg expression of the frame number N giving each frame's time (seconds): piecewise linear over the
+    runs of equal spacing (one piece at a constant rate, a few where the rate changes, up to one per two frames
+    where it jitters), chosen by a balanced tree of if()s (FFmpeg's parser nests about 100 levels deep at most).
+    Beyond `max_runs` pieces the spacing is evened out between the first and last time."""
+    runs: list[tuple[int, float, float]] = []  # (first frame, its time, spacing)
+    for i, t in enumerate(times):
+        if runs:
+            first, t0, step = runs[-1]
+            if i == first + 1:
+                runs[-1] = (first, t0, t - t0)
+                continue
+            if abs(t0 + (i - first) * step - t) < 5e-5:
+                continue
+        runs.append((i, t, 0.0))
+    if len(runs) > max_runs:
+        runs = [(0, times[0], (times[-1] - times[0]) / max(1, len(times) - 1))]
+
+    def tree(lo: int, hi: int) -> str:  # the pieces runs[lo:hi]
+        if hi - lo == 1:
+            first, t0, step = runs[lo]
+            return f"{t0:.6f}+(N-{first})*{step:.9f}"
+        mid = (lo + hi) // 2
+        return f"if(lt(N,{runs[mid][0]}),{tree(lo, mid)},{tree(mid, hi)})"
+
+    return tree(0, len(runs))
+
+
+def concat_list(paths: list[str], durations: list[float] | None = None) -> str:
+    """An FFmpeg concat-demuxer script; single quotes escaped as the demuxer's quoting rules require. With
+    `durations`, each file starts exactly where the one before it ends by that much (variable-rate segments,
+    whose last frame's duration the files cannot say)."""
+    lines = []
+    for i, p in enumerate(paths):
+        lines.append("file '" + p.replace("'", "'\\''") + "'\n")
+        if durations is not None:
+            lines.append(f"duration {durations[i]:.6f}\n")
+    return "ffconcat version 1.0\n" + "".join(lines)
 
 
 # What each output container holds of a source's other streams, stream-copied (FFmpeg 5.1's muxers).

@@ -4,6 +4,7 @@ chain needs on each side, the seek time that lands on the first decoded frame, a
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 
 from pipeline import ffmpeg
@@ -58,9 +59,22 @@ def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info:
             "frame_start": start, "frame_end": end, "decode_start": d0, "decode_end": d1,
             "seek_time": seek_time(info, d0), "n_frames": n, "width": info.width, "height": info.height,
             "bit_depth": info.bit_depth, "fps_num": info.fps_num, "fps_den": info.fps_den,
-            "out_format": out_format, "probe_json": probe_json, "error": None,
+            "out_format": out_format, "probe_json": probe_json, "chunk_times": chunk_times(info, start, end),
+            "error": None,
         })
     return rows
+
+
+def chunk_times(info: VideoInfo, start: int, end: int) -> str:
+    """The `chunk_times` of frames [start, end) of a variable-rate video (see schema.PLAN), else ""."""
+    t = info.frame_times
+    if not info.vfr or len(t) != info.n_frames:
+        return ""
+    if end < len(t):
+        following = t[end]
+    else:  # the last frame lasts as long as the one before it (or a nominal frame)
+        following = t[-1] + (t[-1] - t[-2] if len(t) > 1 else float(1 / info.fps))
+    return json.dumps([round(x - t[start], 6) for x in (*t[start:end], following)])
 
 
 def _dotted(rel_path: str) -> bool:
@@ -79,7 +93,7 @@ def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, d
     return {"job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri, "output_uri": output_uri,
             "rel_path": rel_path, "chunk_index": -1, "n_chunks": 0, "frame_start": 0, "frame_end": 0,
             "decode_start": 0, "decode_end": 0, "seek_time": 0.0, "n_frames": 0, "width": 0, "height": 0,
-            "bit_depth": 0, "fps_num": 0, "fps_den": 1, "out_format": "", "probe_json": "", "error": reason}
+            "bit_depth": 0, "fps_num": 0, "fps_den": 1, "out_format": "", "probe_json": "", "chunk_times": "", "error": reason}
 
 
 def seek_time(info: VideoInfo, frame: int) -> float:

@@ -27,6 +27,9 @@ PLAN = pa.schema([
     ("fps_den", pa.int64()),
     ("out_format", pa.string()),   # FFmpeg muxer of the output: mp4 | mov | matroska
     ("probe_json", pa.string()),   # the VideoInfo dump: what the encode and stitch need of the source
+    # Variable-rate videos: a JSON list of the chunk's own frames' source times, in seconds from its first frame,
+    # then the time the next chunk starts at; the segment keeps them. Empty at a constant rate (and in old plans).
+    ("chunk_times", pa.string()),
     ("error", pa.string()),
 ])
 
@@ -51,6 +54,7 @@ EVENTS = pa.schema([
 
 # The plan columns a chunk task carries through decode -> restore -> encode, plus what the stages add.
 TASK_FIELDS = ("video_id", "source_uri", "chunk_index", "frame_start", "frame_end", "decode_start",
-               "decode_end", "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json")
+               "decode_end", "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json",
+               "chunk_times")
 RESULT_FIELDS = ("attempt", "error_kind", "error_message", "started_at", "frames_in", "frames_out",
                  "segment_uri", "worker")

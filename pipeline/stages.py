@@ -8,6 +8,7 @@ stages pass it through, and the driver records the failure in the manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -183,6 +184,13 @@ def encode_chunk(row: dict[str, Any], *, encode: EncodeSpec, segments_root: str,
     return row
 
 
+def output_times(chunk_times: list[float], temporal: int) -> list[float]:
+    """Each output frame's time in a variable-rate chunk (its `chunk_times`: source frames, then the next
+    chunk's start): a source frame's own, and for a chain that makes `temporal` frames of each, the others
+    evenly between it and the next."""
+    return [t + (after - t) * k / temporal for t, after in zip(chunk_times, chunk_times[1:]) for k in range(temporal)]
+
+
 def _encode(row: dict[str, Any], encode: EncodeSpec, segments_root: str, temporal: int) -> dict[str, Any]:
     info = VideoInfo.model_validate_json(row["probe_json"])
     frames = np.asarray(row["frames"])
@@ -195,8 +203,10 @@ def _encode(row: dict[str, Any], encode: EncodeSpec, segments_root: str, tempora
                                     chroma=info.chroma if info.chroma in ("420", "422", "444") else "420",
                                     odd_size=bool(w % 2 or h % 2))
     uri = storage.join(segments_root, row["video_id"], f"{int(row['chunk_index']):06d}.mkv")
+    times = output_times(json.loads(row["chunk_times"]), temporal) if row.get("chunk_times") else None
     with storage.staging_dir(segments_root) as tmp:
         ffmpeg.encode_segment(frames, str(tmp / "segment.mkv"), fps=info.fps * temporal, codec_args=codec_args,
-                              matrix=info.matrix, full_range=info.full_range, colour_tags=info.colour_tags())
+                              matrix=info.matrix, full_range=info.full_range, colour_tags=info.colour_tags(),
+                              times=times)
         storage.publish(tmp / "segment.mkv", uri)
     return {**row, "frames_out": len(frames), "segment_uri": uri, "worker": _worker()}

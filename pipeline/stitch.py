@@ -10,14 +10,14 @@ from pipeline.probe import VideoInfo, probe
 
 
 def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_json: str, segments: list[str],
-                 expected_frames: int, staging_near: str) -> int:
+                 expected_frames: int, staging_near: str, durations: list[float] | None = None) -> int:
     """Returns the output's frame count; raises (FFmpegError, RuntimeError) with a one-line reason."""
     info = VideoInfo.model_validate_json(probe_json)
     streams = [(s.index, s.kind, s.codec or "") for s in info.streams]
     with storage.staging_dir(staging_near) as tmp, contextlib.ExitStack() as stack:
         inputs = [stack.enter_context(storage.ffmpeg_input(uri, stage_in=tmp)) for uri in segments]
         list_file = tmp / "segments.ffconcat"
-        list_file.write_text(ffmpeg.concat_list(inputs), encoding="utf-8")
+        list_file.write_text(ffmpeg.concat_list(inputs, durations), encoding="utf-8")
         source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp))
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,

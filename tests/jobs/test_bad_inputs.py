@@ -143,10 +143,10 @@ def build_corpus(src: Path, work: Path) -> None:
            "format=yuv444p,crop=721:481:0:0", "-c:v", "ffv1", str(src / "odd 721x481.mkv"))
     plain = make_clip(work / "plain.mp4", frames=20, extra=x264)
     ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(src / "rotated.mp4"))
-    # variable frame rate: 12 frames 40 ms apart, then 12 frames 100 ms apart
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-frames:v", "24", "-vf",
-           "settb=1/1000,setpts='if(lt(N,12),N*40,480+(N-12)*100)'", "-fps_mode", "passthrough", *x264,
-           str(src / "vfr.mkv"))
+    # variable frame rate: 12 frames 40 ms apart, then 12 frames 100 ms apart, with sound
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:duration=1.7",
+           "-frames:v", "24", "-vf", "settb=1/1000,setpts='if(lt(N,12),N*40,480+(N-12)*100)'", "-fps_mode",
+           "passthrough", *x264, "-c:a", "aac", str(src / "vfr.mkv"))
     make_clip(src / "ten-bit.mkv", size="64x48", frames=20, extra=(*x264, "-pix_fmt", "yuv420p10le"))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-f", "lavfi", "-i", "smptebars=size=64x48:rate=25",
            "-map", "0", "-map", "1", "-frames:v", "20", "-c:v", "ffv1", "-disposition:v:0", "default",
@@ -219,6 +219,12 @@ def test_restorable_inputs_come_back_frame_exact(corpus, name):
     assert a.shape == b.shape and np.array_equal(a, b)  # lossless identity: the source's frames, in order
 
 
+def video_times(path) -> list[float]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time",
+                          "-of", "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout
+    return [float(line.strip(",")) for line in out.split()]
+
+
 def test_awkward_properties_are_kept(corpus):
     src, dest = corpus["src"], corpus["dest"]
     assert frames_of(dest / "odd 721x481.mkv").shape == (12, 481, 721, 3)
@@ -226,10 +232,11 @@ def test_awkward_properties_are_kept(corpus):
     assert probe(str(dest / "rotated.mkv")).rotation == 90
     assert probe_stream(dest / "interlaced.mkv", "field_order")["field_order"] == "tt"  # fields as stored
     assert probe_stream(dest / "ten-bit.mkv", "pix_fmt")["pix_fmt"] == "gbrp10le"
-    vfr_in, vfr_out = (float(subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of",
-                                             "csv=p=0", str(p)], capture_output=True, text=True).stdout)
-                       for p in (src / "vfr.mkv", dest / "vfr.mkv"))
-    assert abs(vfr_out - vfr_in) <= 0.1  # same frames over the same time, at a constant rate
+    # every frame at its source time (Matroska counts milliseconds), so the copied sound stays in sync throughout
+    vfr_in, vfr_out = (video_times(p) for p in (src / "vfr.mkv", dest / "vfr.mkv"))
+    assert len(vfr_out) == len(vfr_in) == 24
+    assert max(abs((a - vfr_in[0]) - (b - vfr_out[0])) for a, b in zip(vfr_in, vfr_out)) <= 0.0015, vfr_out
+    assert stream_hashes(dest / "vfr.mkv", "0:a") == stream_hashes(src / "vfr.mkv", "0:a")
     streams = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json",
                                          str(dest / "two videos.mkv")], capture_output=True, text=True).stdout)
     # the first, default stream restored; the second carried as it was, packet for packet

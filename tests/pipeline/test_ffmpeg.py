@@ -58,3 +58,32 @@ def test_a_file_that_is_not_media_fails_with_ffmpegs_reason_on_one_line(tmp_path
     assert message.startswith("decoding failed: ") and "Invalid data found when processing input" in message
     # FFmpeg's log context ("[mov,mp4,... @ 0x55d3a861e1c0]") is dropped, and the reason is one line
     assert "@ 0x" not in message and "\n" not in message
+
+
+def test_a_variable_rate_segment_keeps_every_frame_time():
+    """Jittery phone-style spacing (a piece per two frames, past FFmpeg's nesting limit unless balanced) and a
+    rate change: each frame lands at its time, to Matroska's millisecond."""
+    import random
+    import subprocess
+    import tempfile
+    from fractions import Fraction
+
+    from pipeline.stages import output_times
+
+    rng = random.Random(1)
+    jitter = [0.0]
+    for _ in range(299):
+        jitter.append(round(jitter[-1] + rng.uniform(0.030, 0.045), 6))
+    change = [i * 0.04 for i in range(12)] + [0.48 + i * 0.1 for i in range(12)]
+    for times in (jitter, change, output_times([*change, 1.68], 2)):
+        frames = np.random.default_rng(0).integers(0, 255, (len(times), 48, 64, 3), dtype=np.uint8)
+        args = ffmpeg.encode_args(codec="h264", crf=18, preset="veryfast", lossless=False, depth=8, chroma="420",
+                                  odd_size=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            ffmpeg.encode_segment(frames, f"{tmp}/seg.mkv", fps=Fraction(30), codec_args=args, matrix="bt709",
+                                  full_range=False, colour_tags={}, times=times)
+            out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-show_entries", "frame=pts_time",
+                                  "-of", "csv=p=0", f"{tmp}/seg.mkv"], capture_output=True, text=True).stdout
+        got = [float(x.strip(",")) for x in out.split()]
+        assert len(got) == len(times) and max(abs(a - b) for a, b in zip(got, times)) <= 0.0006
+    assert output_times([0.0, 0.04, 0.14], 2) == [0.0, 0.02, 0.04, 0.09]
