@@ -323,8 +323,21 @@ def publish(local: Path, uri: str) -> None:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
-    else:
-        fs.put_file(str(local), path)
+    elif set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol) & WHOLE_OBJECT_PUTS:
+        retrying(fs.put_file)(str(local), path)  # one PUT, or a multipart upload that appears when completed
+    else:  # a filesystem reached over the network (sftp, webdav, hdfs): beside the target, then renamed
+        tmp = _hidden_tmp(path)
+        try:
+            retrying(fs.put_file)(str(local), tmp)
+            fs.mv(tmp, path)
+        finally:
+            with contextlib.suppress(Exception):
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+
+
+# Stores whose writes appear whole or not at all (object stores), so an output is written straight to its key.
+WHOLE_OBJECT_PUTS = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"}
 
 
 @contextlib.contextmanager

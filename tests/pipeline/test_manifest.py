@@ -105,3 +105,28 @@ def test_event_writer_of_a_run_that_lost_its_lease_records_nothing(tmp_path):
         with pytest.raises(LeaseLost):
             writer.flush()
     assert manifest.read_events().num_rows == 0
+
+
+def test_publish_to_a_store_without_atomic_puts_renames_a_hidden_upload_into_place(tmp_path, monkeypatch):
+    """sftp, webdav, hdfs: an upload can be seen half-written, so it goes to a hidden sibling first (here a
+    `dir://` filesystem, which fsspec does not treat as local, over a temporary folder)."""
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    from pipeline import storage
+
+    uploads = []
+    put = DirFileSystem.put_file
+    monkeypatch.setattr(DirFileSystem, "put_file", lambda self, lpath, rpath, **kw: uploads.append(rpath) or
+                        put(self, lpath, rpath, **kw))
+    storage.configure({"dir": {"path": str(tmp_path / "store"), "target_protocol": "file"}})
+    try:
+        (tmp_path / "store" / "out").mkdir(parents=True)
+        local = tmp_path / "restored.mkv"
+        local.write_bytes(b"frames" * 1000)
+        storage.publish(local, "dir:///out/restored.mkv")
+    finally:
+        storage.configure({})
+    assert (tmp_path / "store" / "out" / "restored.mkv").read_bytes() == b"frames" * 1000
+    (upload,) = uploads
+    assert upload.rsplit("/", 1)[-1].startswith(".") and upload != "/out/restored.mkv"
+    assert sorted(p.name for p in (tmp_path / "store" / "out").iterdir()) == ["restored.mkv"]
