@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -39,9 +40,28 @@ def _fail(err: BaseException, code: int, verbose: bool, progress=None) -> None:
 def _validation_message(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "job spec"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        parts.append(f"{_where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def _where(loc: tuple) -> str:
+    """The command-line flag a rejected field came from (`chunk_frames` -> `--chunk-frames`, `encode.crf` ->
+    `--crf`), or its place in the spec where no flag has its name (a job.json read back)."""
+    if not loc:
+        return "job spec"
+    name = str(loc[-1])
+    if name in ("src", "dest", "stage"):
+        return name.upper()
+    flag = "--" + name.replace("_", "-")
+    if flag in _all_flags():
+        return flag
+    return ".".join(str(p) for p in loc)
+
+
+@functools.cache
+def _all_flags() -> frozenset[str]:
+    group = typer.main.get_command(app)
+    return frozenset(opt for command in group.commands.values() for p in command.params for opt in p.opts)
 
 
 def _guarded(fn, verbose: bool, progress=None):
@@ -78,7 +98,10 @@ def _storage_options(text: str | None) -> dict:
     if not text:
         return {}
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as err:
+            raise ValueError(f"--storage-options {text}: cannot read {text[1:]} ({err.strerror or err})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -369,42 +392,197 @@ def train(
 
 
 @app.command("models")
-def list_models() -> None:
-    """The shipped models and their cards."""
+def list_models(
+    model: Annotated[Optional[str], typer.Argument(
+        metavar="STAGE[:gan]", help="Print this model's card in full, e.g. sr2x or sr2x:gan.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The card as JSON (without STAGE: every shipped card).")] = False,
+) -> None:
+    """The shipped models: a table of all, or one model's card in full."""
     from models.chain import STAGES
-    from models.weights import SHIPPED, read_card
+    from models.weights import SHIPPED, read_card, stem
 
+    if model is not None:
+        stage, flavour = _model_ref(model)
+        card = read_card(str(SHIPPED), stage, flavour)
+        if card is None:
+            _fail(ValueError(f"no shipped model '{model}' (no {stem(stage, flavour)}.json in {SHIPPED})"),
+                  EXIT_USAGE, False)
+        if as_json:
+            out.print_json(json.dumps(card))
+        else:
+            _print_card(model, card, f"{SHIPPED}/{stem(stage, flavour)}.safetensors")
+        return
+    if as_json:
+        cards = [read_card(str(SHIPPED), stage, flavour) for stage, info in STAGES.items() if info.arch
+                 for flavour in ("fidelity", "gan")]
+        out.print_json(json.dumps([c for c in cards if c]))
+        return
     table = Table(title=f"shipped weights ({SHIPPED}; the cards beside them say how each was trained)")
-    for col in ("stage", "flavour", "architecture", "parameters", "CPU frames/s 640x360", "vs best FFmpeg filter"):
-        table.add_column(col)
+    # the first column names each model as a chain (and `reelmend models NAME`) does
+    for col in ("model", "architecture", "parameters", "CPU frames/s 640x360", "vs best FFmpeg filter"):
+        table.add_column(col, no_wrap=col in ("model", "architecture"), ratio=2 if col.startswith("vs") else None)
     for stage, info in STAGES.items():
         if info.arch is None:
-            table.add_row(stage, "-", "no model", "0", "-", "-")
+            table.add_row(stage, "no model", "0", "-", "-")
             continue
         for flavour in ("fidelity", "gan"):
+            name = stage if flavour == "fidelity" else f"{stage}:{flavour}"
             card = read_card(str(SHIPPED), stage, flavour)
             if not card:
-                table.add_row(stage, flavour, info.arch.__name__, "-", "-", "[yellow]not shipped[/]")
+                table.add_row(name, info.arch.__name__, "-", "-", "[yellow]not shipped[/]")
                 continue
             fps = card.get("cpu_fps_640x360")
             quality = "; ".join(f"{t['task']}: {t['psnr']:.2f} dB ({t['margin_db']:+.2f} vs {t['best_filter']['name']})"
                                 for t in card.get("bench_quality", {}).get("tasks", []))
-            table.add_row(stage, flavour, card["arch"], f"{card['parameters']:,}",
+            table.add_row(name, card["arch"], f"{card['parameters']:,}",
                           "-" if fps is None else f"{fps:g}" + (" (est.)" if card.get("cpu_fps_640x360_estimated") else ""),
                           quality or "not measured")
     out.print(table)
+    out.print("a model's whole card: `reelmend models NAME`, e.g. `reelmend models sr2x:gan` (--json: as JSON)")
+
+
+def _model_ref(model: str) -> tuple[str, str]:
+    """'sr2x' -> ('sr2x', 'fidelity'), 'sr2x:gan' -> ('sr2x', 'gan'), as a chain names them; exits 2 otherwise."""
+    from models.chain import STAGES
+    from models.geometry import FLAVOURS
+
+    stage, _, flavour = model.strip().partition(":")
+    with_models = [s for s, info in STAGES.items() if info.arch]
+    if stage not in STAGES:
+        _fail(ValueError(f"unknown stage '{stage}'; stages with models: {', '.join(with_models)}"), EXIT_USAGE, False)
+    if STAGES[stage].arch is None:
+        _fail(ValueError(f"stage '{stage}' has no model (it re-encodes only); stages with models: "
+                         f"{', '.join(with_models)}"), EXIT_USAGE, False)
+    flavour = flavour or "fidelity"
+    if flavour not in FLAVOURS:
+        _fail(ValueError(f"unknown flavour '{flavour}' for stage '{stage}'; use '{stage}' or '{stage}:gan'"),
+              EXIT_USAGE, False)
+    return stage, flavour
+
+
+FLAVOUR_MEANING = {"fidelity": "trained for PSNR (the default: no invented detail)",
+                   "gan": "fine-tuned adversarially for perceptual sharpness"}
+
+
+def _card_text(value) -> str:
+    """One line for a card value: nested mappings and lists inline, numbers short."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_card_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_card_text(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+def _print_card(name: str, card: dict, weights: str) -> None:
+    """A model card in full, section by section; long values (commands, notes) are soft-wrapped, never cut,
+    so they copy and paste whole. The degradation recipe's op parameters are in the JSON (--json) only."""
+    from rich.rule import Rule
+
+    card = dict(card)
+
+    def line(label: str, value) -> None:
+        text = value if isinstance(value, str) else _card_text(value)
+        out.print(f"[bold]{escape(label):<17}[/] {escape(text)}", soft_wrap=True)
+
+    def section(title: str) -> None:
+        out.print(Rule(title, align="left", style="dim"))
+
+    card.pop("stage", None)  # the name says it
+    section(f"model card: {name}")
+    args = card.pop("args", {})
+    line("architecture", f"{card.pop('arch', '?')}({', '.join(f'{k}={v!r}' for k, v in args.items())})")
+    if "parameters" in card:
+        line("parameters", f"{card.pop('parameters'):,}")
+    flavour = card.pop("flavour", "")
+    line("flavour", f"{flavour}: {FLAVOUR_MEANING.get(flavour, '')}".rstrip(": "))
+    line("weights", weights)
+    line("sha256", card.pop("sha256", "missing: this card vouches for no weights, they would be refused"))
+    line("date", f"{card.pop('date', '?')}" + (f", reelmend {card.pop('reelmend')}" if "reelmend" in card else ""))
+
+    section("training")
+    for key in ("command", "command_note", "trained_on"):
+        if key in card:
+            line(key.replace("_", " "), card.pop(key))
+    for key, value in card.pop("training", {}).items():
+        line(key.replace("_", " "), value)
+
+    data = dict(card.pop("data", {}))
+    if data:
+        section("data")
+        recipe = data.pop("recipe", None)
+        files = data.pop("source_files", None)
+        for key, value in data.items():
+            if key == "sources" and files is not None:
+                value, files = f"{value} files: {_card_text(files)}", None
+            line(key.replace("_", " "), value)
+        if files is not None:
+            line("source files", files)
+        if recipe:
+            branches = "; ".join(f"{b.get('name')} {b.get('probability', 0):.0%} "
+                                 f"({', '.join(o['op'] for o in b.get('ops', [])) or 'as it is'})"
+                                 for b in recipe.get("branches", []))
+            line("degradation", f"{recipe.get('name', '')}: {branches}")
+            if recipe.get("why"):
+                line("  why", recipe["why"])
+
+    fps = card.pop("cpu_fps_640x360", None)
+    estimated = card.pop("cpu_fps_640x360_estimated", False)
+    notes = [card.pop(k) for k in ("cpu_fps_640x360_note", "cpu_fps_note") if k in card]
+    if fps is not None or notes:
+        section("speed")
+        if fps is not None:
+            line("CPU", f"{fps:g} frames/s at 640x360 ({'estimated' if estimated else 'measured'})")
+        for note in notes:
+            line("  note", note)
+
+    bench = dict(card.pop("bench_quality", {}))
+    metrics = dict(card.pop("metrics", {}))
+    if bench or metrics:
+        section("quality")
+    for t in bench.pop("tasks", []):  # one line each: never cut to the terminal's width
+        best = t.get("best_filter", {})
+        line(f"{t.get('task', '?')}:", f"{t.get('metric', 'PSNR')} {t.get('psnr', 0):.2f} dB, the best FFmpeg filter "
+                                 f"({best.get('name', '?')}) {best.get('psnr', 0):.2f} dB: {t.get('margin_db', 0):+.2f} dB; "
+                                 f"sharpness {t.get('sharpness', 0):.3f} against {best.get('sharpness', 0):.3f}")
+    if bench:
+        line("clean footage", f"{_card_text(bench.pop('clean_clips', []))} (area-downscaled by "
+                              f"{bench.pop('clean_scale', 1):g}); measured by `{bench.pop('command', '?')}`")
+        for key, value in bench.items():
+            line(key.replace("_", " "), value)
+    if "val_psnr" in metrics:
+        line("validation", f"PSNR {metrics.pop('val_psnr'):.2f} dB on the held-out training data, against "
+                           f"{metrics.pop('val_psnr_baseline', float('nan')):.2f} dB without the model (the input, "
+                           f"bicubic or the frame average), at step {metrics.pop('step', '?')}")
+    if metrics:
+        line("last metrics", metrics)
+
+    if card:
+        section("notes")
+        for key, value in card.items():
+            line(key.replace("_", " "), value)
 
 
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="Where the sample archive and outputs go.")] = ".demo",
+    chain: Annotated[Optional[str], typer.Option(
+        hidden=True, help="Chain to run (default: the shipped trained denoise,deblock,sr2x).")] = None,
+    seconds: Annotated[Optional[float], typer.Option(
+        hidden=True, help="Seconds of each sample clip (default 4; another length gets its own folders).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Make a small degraded sample archive from real footage and restore it on a local Ray instance."""
     from jobs.demo import run_demo
 
     progress = _progress(False, False)
-    code = _guarded(lambda: run_demo(workdir, log=lambda m: console.print(m, markup=False), progress=progress),
+    length = {"seconds": seconds} if seconds is not None else {}  # unset: the demo's own default
+    # soft-wrapped: the hints it ends with (paths, commands) stay one line to copy
+    code = _guarded(lambda: run_demo(workdir, log=lambda m: console.print(m, markup=False, soft_wrap=True),
+                                     progress=progress, chain=chain, **length),
                     verbose, progress)
     raise typer.Exit(code)
 

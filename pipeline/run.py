@@ -30,8 +30,9 @@ def start_local(num_cpus: int | None = None) -> None:
     bench`. Idle workers are kept up to the CPUs plus room for those actors. (On a cluster the same setting is
     `ray start --system-config='{"num_workers_soft_limit": N}'`; nodes with many CPUs per actor need none.)"""
     cpus = num_cpus or os.cpu_count() or 1
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _system_config={"num_workers_soft_limit": cpus + 8})
+    # address="local": a new instance even when a cluster started with `ray start` runs on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _system_config={"num_workers_soft_limit": cpus + 8})
 
 
 def connect(address: str | None) -> None:
@@ -43,6 +44,14 @@ def connect(address: str | None) -> None:
             start_local()
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=code_env())
+    # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI
+    # that shows its own progress; its errors stay.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Ray Data's advice to tune `memory=` of its operators is for its developers; reelmend sizes them itself.
+    ctx.issue_detectors_config.detectors = []
 
 
 def code_env() -> dict | None:
@@ -60,14 +69,6 @@ def code_env() -> dict | None:
     # paths, not the modules: Ray Client (ray://) pickles the runtime environment
     return {"py_modules": [os.path.dirname(p.__file__) for p in (pipeline, models, jobs)],
             "excludes": ["__pycache__", "*.pyc"]}
-    # Ray Data's per-dataset lines ("execution finished in ...", "progress bars disabled") are noise in a CLI
-    # that shows its own progress; its errors stay.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Ray Data's advice to tune `memory=` of its operators is for its developers; reelmend sizes them itself.
-    ctx.issue_detectors_config.detectors = []
 
 
 def cluster_has_gpus() -> bool:

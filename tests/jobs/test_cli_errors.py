@@ -25,16 +25,19 @@ def test_bad_specs_exit_2_and_write_nothing(tmp_path):
     cases = [
         (["--chain", "denoise,sr3x"], "unknown stage 'sr3x'"),
         (["--crf", "60"], "--crf 60 is out of range for h264"),
-        (["--crf", "99"], "crf: Input should be less than or equal to 63"),
+        (["--crf", "99"], "--crf: Input should be less than or equal to 63"),
         (["--chain", "sr2x", "--models", str(tmp_path / "nowhere")], "no weights for stage 'sr2x'"),
         (["--chain", "sr2x:gan", "--models", str(tmp_path / "nowhere")], "no weights for stage 'sr2x:gan'"),
-        (["--chunk-frames", "1"], "chunk_frames"),
+        (["--chunk-frames", "1"], "--chunk-frames: Input should be greater than or equal to 2"),
+        (["--actors", "3:2"], "--actors MIN:MAX"),
+        (["--storage-options", "@/nonexistent.json"], "--storage-options @/nonexistent.json: cannot read"),
         (["--codec", "mpeg1"], "codec"),
     ]
     for extra, message in cases:
         result = run("restore", str(src), str(dest), *extra)
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
+        assert result.output.startswith("error: ") and "Traceback" not in result.output
         assert not dest.exists()
     result = run("restore", str(src), str(src / "inside"))
     assert result.exit_code == 2 and "must not be SRC or lie inside it" in " ".join(result.output.split())
@@ -86,8 +89,8 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         (["denoise", "--adversarial", "wasserstein"], "adversarial"),
         (["denoise", "--steps", "0"], "needs --init DIR"),
         (["denoise", "--resume"], "nothing to resume"),
-        (["denoise", "--lr-schedule", "step"], "lr_schedule"),
-        (["denoise", "--d-lr", "0"], "d_lr"),
+        (["denoise", "--lr-schedule", "step"], "--lr-schedule: Input should be"),
+        (["denoise", "--d-lr", "0"], "--d-lr: Input should be greater than 0"),
         (["denoise", "--init", str(tmp_path / "nowhere")], "no weights for stage 'denoise'"),
     ]
     for extra, message in cases:
