@@ -189,7 +189,7 @@ class _Relay(Progress):
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _drive_on_cluster(spec: JobSpec, calls) -> JobResult:
-    return run_job(spec, progress=_Relay(calls))
+    return run_job(spec, address="auto", progress=_Relay(calls))  # (already connected: the cluster it runs on)
 
 
 def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
