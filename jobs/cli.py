@@ -294,6 +294,8 @@ def report(
     out_path: Annotated[Optional[str], typer.Option("--out", help="Where to write the page (default: report.html in the job's manifest folder).")] = None,
     quality: Annotated[Optional[str], typer.Option(help="A `reelmend bench quality --json` file to include.")] = None,
     samples: Annotated[int, typer.Option(help="Sample frames per video.")] = 3,
+    videos: Annotated[int, typer.Option(
+        help="Videos shown in detail (frames, properties, timings), failed ones first; the table lists all.")] = 50,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -302,10 +304,11 @@ def report(
     from pipeline import storage
 
     def go():
-        if samples < 1:
-            raise ValueError(f"--samples must be at least 1, got {samples}")
+        if samples < 1 or videos < 1:
+            raise ValueError(f"--samples and --videos must be at least 1, got {samples} and {videos}")
         storage.configure(_storage_options(storage_options))
-        return write_report(dest.rstrip("/"), job_id, out=out_path, quality=quality, samples=samples)
+        return write_report(dest.rstrip("/"), job_id, out=out_path, quality=quality, samples=samples,
+                            videos=videos)
 
     uri = _guarded(go, verbose)
     out.print(f"report: {escape(uri)}", soft_wrap=True)

@@ -86,9 +86,11 @@ def status_span(status: str) -> Html:
 
 # -- the page ---------------------------------------------------------------------------------------------
 
-def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str | None, samples: int) -> str:
+def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str | None, samples: int,
+                 videos: int = 50) -> str:
     """Write the job's report page to `out` (default: report.html in the job's manifest folder); returns
-    where it was written."""
+    where it was written. The table lists every video; `videos` of them get a section with frames, failed
+    ones first (each costs a few FFmpeg reads, and the page a few hundred kB)."""
     job_id = pick_job(dest, job_id)
     manifest = Manifest(dest, job_id)
     spec = manifest.read_spec()
@@ -100,12 +102,15 @@ def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str
     for e in events:
         by_video.setdefault(e["video_id"], []).append(e)
     models = spec.models or str(SHIPPED)
+    rank = {"failed": 0, "done": 1}
+    shown = sorted(sorted(range(len(status["videos"])), key=lambda i: rank.get(status["videos"][i]["status"], 2))
+                   [:videos])
     body = [
         job_section(status, spec, events),
-        videos_table(status),
+        videos_table(status, set(shown)),
         quality_section(bench, quality, spec.chain, models),
-        *(video_section(i, v, plan[v["video_id"]], by_video.get(v["video_id"], []), samples)
-          for i, v in enumerate(status["videos"])),
+        *(video_section(i, status["videos"][i], plan[status["videos"][i]["video_id"]],
+                        by_video.get(status["videos"][i]["video_id"], []), samples) for i in shown),
     ]
     page = PAGE.format(title=esc(job_id), css=CSS, body="\n".join(body))
     uri = out or storage.join(manifest.root, "report.html")
@@ -142,15 +147,19 @@ def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
     return Html(f"<h1>reelmend report: job {esc(status['job_id'])}</h1>\n" + table(None, rows))
 
 
-def videos_table(status: dict) -> Html:
-    """The same one line per video as `reelmend status`, linking to each video's section."""
+def videos_table(status: dict, shown: set[int]) -> Html:
+    """The same one line per video as `reelmend status`, linking to each video's section (those `shown`)."""
     rows = []
     for i, v in enumerate(status["videos"]):
         c = v["chunks"]
-        rows.append([Html(f'<a href="#video-{i}">{esc(v["path"])}</a>'), status_span(v["status"]),
+        name = Html(f'<a href="#video-{i}">{esc(v["path"])}</a>') if i in shown else esc(v["path"])
+        rows.append([name, status_span(v["status"]),
                      f"{c['done']}/{sum(c.values())} done" + (f", {c['failed']} failed" if c["failed"] else ""),
                      v["frames_out"] or "", Html(f'<span class="reason">{esc(v["reason"])}</span>')])
-    return Html("<h2>Videos</h2>\n" + table(["video", "status", "chunks", "frames out", "reason"], rows))
+    note = "" if len(shown) == len(rows) else (
+        f'<p>Frames, properties and timings below for {len(shown)} of {len(rows)} videos, failed ones first '
+        "(<code>reelmend report --videos N</code> shows more).</p>")
+    return Html("<h2>Videos</h2>\n" + table(["video", "status", "chunks", "frames out", "reason"], rows) + note)
 
 
 def utc(t: datetime) -> str:

@@ -100,6 +100,19 @@ def test_cli_writes_the_page_beside_the_manifest_and_names_it(job, tmp_path):
     assert elsewhere.read_text().count("<img ") == 6 + 1
 
 
+def test_videos_limits_the_detailed_sections_failed_ones_first(job, tmp_path):
+    """A bucket of thousands of videos: the table lists them all, frames are read for --videos of them."""
+    out = tmp_path / "two.html"
+    result = cli("report", job.dest, "--out", str(out), "--samples", "1", "--videos", "2")
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert page.count('<h2 id="video-') == 2 and "corrupt packets.mp4</h2>" in page and "bikes.mkv</h2>" not in page
+    assert "for 2 of 3 videos, failed ones first" in page
+    assert page.count("<img ") == 1  # the undecodable video's source frame; bikes.mkv's frames are not read
+    assert ">bikes.mkv</td>" in page  # still in the table, without a link to a section it does not have
+    assert cli("report", job.dest, "--videos", "0").exit_code == 2
+
+
 def test_a_folder_without_a_job_exits_2_with_one_line(tmp_path):
     result = cli("report", str(tmp_path))
     assert result.exit_code == 2
