@@ -170,6 +170,9 @@ def restore(
     restore_cpus: Annotated[float, typer.Option(help="CPUs per restore actor (its torch threads).")] = 1.0,
     decode_cpus: Annotated[float, typer.Option(help="CPUs per decode task.")] = 1.0,
     encode_cpus: Annotated[float, typer.Option(help="CPUs per encode task.")] = 1.0,
+    cpu_resource: Annotated[Optional[str], typer.Option(
+        help="A custom resource only CPU nodes declare: decode, encode, probe and stitch then never run on GPU "
+             "nodes (e.g. cpu_node, with `ray start --resources='{\"cpu_node\": 1000}'` on the CPU nodes).")] = None,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
@@ -186,7 +189,7 @@ def restore(
         low, high = sizes.group(1), sizes.group(2) or sizes.group(1)
         resources = ResourceSpec(restore_actors_min=int(low), restore_actors_max=int(high),
                                  restore_gpus=restore_gpus, restore_cpus=restore_cpus, decode_cpus=decode_cpus,
-                                 encode_cpus=encode_cpus)
+                                 encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,

@@ -70,7 +70,8 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
     outputs: dict[str, str] = {}  # output URI -> the input that has it
-    for (uri, rel), (_, info) in zip(files, probe_all([u for u, _ in files], spec.storage_options)):
+    probed = probe_all([u for u, _ in files], spec.storage_options, spec.resources.cpu_task_resources())
+    for (uri, rel), (_, info) in zip(files, probed):
         if isinstance(info, VideoInfo) and info.is_still:
             # a one-frame "restored video" (.mkv, a new name) of a poster is not what anyone asked for, and it
             # would take the name of a video with the same stem
@@ -368,7 +369,7 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
         log(f"stitching {len(jobs)} video(s)")
         failures = {vid: states.get((vid, -1), NO_EVENTS).failures for vid in jobs}
         events = []
-        for vid, outcome in stitch_all(jobs, spec.storage_options):
+        for vid, outcome in stitch_all(jobs, spec.storage_options, spec.resources.cpu_task_resources()):
             ok = isinstance(outcome, int)
             events.append({"video_id": vid, "chunk_index": -1, "status": "done" if ok else "failed",
                            "attempt": failures[vid] + 1, "error_kind": None if ok else "stitch",

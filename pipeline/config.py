@@ -51,6 +51,14 @@ class ResourceSpec(Frozen):
     restore_gpus: float | None = Field(None, ge=0)
     restore_actors_min: int = Field(1, ge=1)
     restore_actors_max: int = Field(1, ge=1)
+    # A custom resource only the CPU nodes declare (`ray start --resources='{"cpu_node": 1000}'`): decode, encode,
+    # probe and stitch tasks then ask for a sliver of it, so they never take a GPU node's CPUs. Without it they
+    # only avoid GPU nodes while the CPU nodes have room (Ray's default).
+    cpu_resource: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+    def cpu_task_resources(self) -> dict[str, float]:
+        """The custom resources each CPU-side task asks for."""
+        return {self.cpu_resource: 0.001} if self.cpu_resource else {}
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> ResourceSpec:

@@ -90,7 +90,10 @@ def check_resources(res: ResourceSpec, *, can_grow: bool, log: Callable[[str], N
     task of 64 CPUs, a GPU actor on a CPU-only cluster, more restore actors than fit). On a cluster that
     `can_grow` (one this job joined) the job first asks the autoscaler for such nodes and waits NODE_WAIT_S."""
     gpus = restore_gpus(res)
-    needs = {"--decode-cpus": {"CPU": res.decode_cpus}, "--encode-cpus": {"CPU": res.encode_cpus},
+    cpu_side = res.cpu_task_resources()
+    also = "/--cpu-resource" if cpu_side else ""
+    needs = {f"--decode-cpus{also}": {"CPU": res.decode_cpus, **cpu_side},
+             f"--encode-cpus{also}": {"CPU": res.encode_cpus, **cpu_side},
              "--restore-cpus/--restore-gpus": {"CPU": res.restore_cpus, "GPU": gpus}}
     problem = _unmet(res, needs)
     if problem and can_grow and NODE_WAIT_S > 0:
@@ -182,10 +185,12 @@ def _probe_task(uri: str, storage_options: dict) -> VideoInfo | str:
         return f"cannot be read: {type(err).__name__}: {' '.join(str(err).split())}"
 
 
-def probe_all(uris: list[str], storage_options: dict | None = None) -> Iterator[tuple[str, VideoInfo | str]]:
+def probe_all(uris: list[str], storage_options: dict | None = None,
+              resources: dict[str, float] | None = None) -> Iterator[tuple[str, VideoInfo | str]]:
     """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order."""
     options = ray.put(storage_options or {})
-    refs = [_probe_task.remote(uri, options) for uri in uris]
+    task = _probe_task.options(resources=resources or {})
+    refs = [task.remote(uri, options) for uri in uris]
     for uri, ref in zip(uris, refs):
         try:
             yield uri, ray.get(ref)
@@ -216,7 +221,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
     options = spec.storage_options  # passed as arguments, never through environment variables Ray displays
     ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options, "tries": tries}, num_cpus=res.decode_cpus,
-                memory=decode_memory(decode_bytes))
+                memory=decode_memory(decode_bytes), resources=res.cpu_task_resources())
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames
     ds = ds.map_batches(
         RestoreStage, fn_constructor_kwargs={"chain": spec.chain, "models": spec.models, "storage_options": options,
@@ -226,7 +231,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     # encode: CPU tasks, FFmpeg -> one video-only segment per chunk in the job area
     ds = ds.map(encode_chunk, fn_kwargs={"encode": spec.encode, "segments_root": segments_root,
                                          "storage_options": options, "temporal": temporal, "tries": tries},
-                num_cpus=res.encode_cpus)
+                num_cpus=res.encode_cpus, resources=res.cpu_task_resources())
     return ds
 
 
@@ -240,10 +245,12 @@ def _stitch_task(storage_options: dict, **kwargs) -> int | str:
         return " ".join(str(err).split()) or type(err).__name__
 
 
-def stitch_all(jobs: dict[str, dict], storage_options: dict | None = None) -> Iterator[tuple[str, int | str]]:
+def stitch_all(jobs: dict[str, dict], storage_options: dict | None = None,
+               resources: dict[str, float] | None = None) -> Iterator[tuple[str, int | str]]:
     """Stitch videos in parallel; yields (video_id, frames or reason) as each finishes."""
     options = ray.put(storage_options or {})
-    refs = {_stitch_task.remote(options, **kwargs): vid for vid, kwargs in jobs.items()}
+    task = _stitch_task.options(resources=resources or {})
+    refs = {task.remote(options, **kwargs): vid for vid, kwargs in jobs.items()}
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

@@ -97,12 +97,11 @@ def test_worker_node_killed_mid_job_still_completes_frame_exact(tmp_path, clips,
 
 def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, clips, cluster):
     # One node declares a GPU (this machine has none: the actor's torch falls back to the CPU) and one CPU.
-    # Ray's scheduler keeps tasks that need no GPU off GPU nodes while CPU nodes have room
-    # (RAY_scheduler_avoid_gpu_nodes), but spills onto them when the CPU nodes are full, so decode and encode
-    # run mostly, not only, on the CPU node.
+    # Ray's scheduler keeps tasks that need no GPU off GPU nodes only while CPU nodes have room
+    # (RAY_scheduler_avoid_gpu_nodes); with --cpu-resource the CPU side asks for a resource only CPU nodes have.
     client_port = free_port()  # and the driver joins through Ray Client, as from a laptop: ray://head:port
-    c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2}, {"num_cpus": 1, "num_gpus": 1}],
-                                      ray_client_server_port=client_port)
+    c, (cpu_node, gpu_node) = cluster([{"num_cpus": 2, "resources": {"cpu_node": 1000}},
+                                       {"num_cpus": 1, "num_gpus": 1}], ray_client_server_port=client_port)
     src = tmp_path / "in"
     src.mkdir()
     ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "60", "-vf", "scale=160:68", "-c:v", "libx264",
@@ -110,7 +109,7 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     weights = write_tiny_weights(tmp_path / "weights", "sr2x", perturb=0.05)
     dest = tmp_path / "out"
     driver = restore(c, src, dest, "--chain", "sr2x", "--models", str(weights), "--lossless", "--chunk-frames",
-                     "10", "--actors", "1:2", address=f"ray://127.0.0.1:{client_port}")
+                     "10", "--actors", "1:2", "--cpu-resource", "cpu_node", address=f"ray://127.0.0.1:{client_port}")
     seen: dict[str, set] = {"RestoreStage": set(), "decode_chunk": set(), "encode_chunk": set()}
     paths = set()
     while driver.poll() is None:
@@ -125,7 +124,8 @@ def test_restore_actors_run_on_the_gpu_node_and_the_rest_on_cpu_nodes(tmp_path, 
     assert seen["RestoreStage"] == {id(gpu_node)}  # every restore actor, on the GPU node
     # the code reached the workers through the job's runtime environment (py_modules), not the workers' venv
     assert any("runtime_resources/py_modules_files" in p for p in paths), paths
-    assert id(cpu_node) in seen["decode_chunk"] and id(cpu_node) in seen["encode_chunk"]
+    # the CPU side asks for a sliver of `cpu_node`, which only the CPU node declares: never on the GPU node
+    assert seen["decode_chunk"] == {id(cpu_node)} and seen["encode_chunk"] == {id(cpu_node)}
     frames = decode(dest / "bikes.mkv")
     assert frames.shape == (60, 136, 320, 3)
 

@@ -191,7 +191,9 @@ def test_resources_no_node_offers_are_refused_before_any_work(tmp_path, ray_addr
     for args, message in ((["--restore-gpus", "1"], "--restore-cpus/--restore-gpus: no node of this cluster "
                                                      "offers 1 CPU, 1 GPU"),
                           (["--decode-cpus", "64"], "--decode-cpus: no node of this cluster offers 64 CPU"),
-                          (["--actors", "64:64"], "at least 64 restore actors asked for")):
+                          (["--actors", "64:64"], "at least 64 restore actors asked for"),
+                          (["--cpu-resource", "cpu_node"], "--decode-cpus/--cpu-resource: no node of this cluster "
+                                                           "offers 1 CPU, 0.001 cpu_node")):
         result = cli("restore", str(src), str(dest), *args)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
