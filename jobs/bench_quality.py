@@ -159,7 +159,7 @@ def load_clean(uri: str, frames: int, clean_scale: float, max_clips: int) -> lis
     sources carry their own blocking; averaging pixels removes most of it, so the reference is clean), cropped
     to a multiple of 8."""
     clips = []
-    for full, rel in storage.list_files(uri)[:max_clips]:
+    for full, rel, _ in storage.list_files(uri)[:max_clips]:
         with storage.ffmpeg_input(full) as src:
             info = probe(src)
             n = min(frames, info.n_frames)

@@ -178,7 +178,8 @@ def restore(
     jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
-    """Restore every video under SRC into DEST; re-running the same command resumes."""
+    """Restore every video under SRC into DEST; re-running the same command resumes, and restores the files
+    SRC gained or replaced since."""
     from jobs.restore import run_job
     from pipeline.config import EncodeSpec, JobSpec, ResourceSpec
 
@@ -232,7 +233,7 @@ def resume(
                              "cannot be moved mid-job: its plan names every output's place), or restore anew")
         raised = {"max_attempts": max_attempts} if max_attempts is not None else {}
         spec = JobSpec.model_validate({**spec.model_dump(), "job_id": picked, "storage_options": options, **raised})
-        return run_job(spec, address=address, progress=progress)
+        return run_job(spec, address=address, progress=progress, relist=False)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
     result = _guarded(go, verbose, progress)

@@ -63,22 +63,26 @@ def _shaping(spec: JobSpec) -> dict:
     return spec.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
 
 
-def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[str, str]],
-              log: Callable[[str], None]) -> None:
-    """Probe every file on the cluster, write job.json and the plan before any chunk runs."""
+def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
+              log: Callable[[str], None], *, part: int = 0, replaced: frozenset[str] = frozenset(),
+              taken: dict[str, str] | None = None) -> None:
+    """Probe every file on the cluster and write plan part `part` before any of its chunks runs: part 0 with
+    job.json when the job is new, a later part for what a re-run found new or `replaced` (paths below SRC,
+    planned anew under new video ids). `taken`: output URI -> the path below SRC of the input that has it."""
     log(f"probing {len(files)} file(s) under {spec.src}")
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
-    outputs: dict[str, str] = {}  # output URI -> the input that has it
-    probed = probe_all([u for u, _ in files], spec.storage_options, spec.resources.cpu_task_resources())
-    for (uri, rel), (_, info) in zip(files, probed):
+    outputs = dict(taken or {})
+    probed = probe_all([f.uri for f in files], spec.storage_options, spec.resources.cpu_task_resources())
+    for (uri, rel, version), (_, info) in zip(files, probed):
+        generation = part if rel in replaced else 0
         if isinstance(info, VideoInfo) and info.is_still:
             # a one-frame "restored video" (.mkv, a new name) of a poster is not what anyone asked for, and it
             # would take the name of a video with the same stem
             info = f"a still image ({info.codec}), not a video"
         if isinstance(info, VideoInfo):
             try:
-                video_rows = plan_video(spec, job_id, uri, rel, info, context)
+                video_rows = plan_video(spec, job_id, uri, rel, info, context, version=version, generation=generation)
                 # clip.mp4 and clip.mov both become clip.mkv in some modes: the second must not replace the first
                 other = outputs.setdefault(video_rows[0]["output_uri"], rel)
                 if other != rel:
@@ -88,21 +92,47 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[tuple[
                 continue
             except ValueError as err:  # e.g. a key that would escape DEST, or a clashing output
                 info = str(err)
-        rows.append(failed_video_row(job_id, uri, rel, info, spec.dest))
-        failed.append({"video_id": video_id(rel), "chunk_index": -1, "status": "failed", "attempt": 1,
+        row = failed_video_row(job_id, uri, rel, info, spec.dest, version=version, generation=generation)
+        rows.append(row)
+        failed.append({"video_id": row["video_id"], "chunk_index": -1, "status": "failed", "attempt": 1,
                        "error_kind": "probe", "error_message": info})
-    manifest.write_spec(spec)
-    manifest.write_plan(rows)
+    if part == 0:
+        manifest.write_spec(spec)
+    manifest.add_plan_part(rows, part)
     manifest.append_events(failed)
 
 
+def plan_changes(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
+                 log: Callable[[str], None]) -> None:
+    """A re-run `restore` of a planned job: plan the files SRC gained since, and those replaced since (a new
+    size or version tag), each anew. The old chunks of a replaced file no longer count and their segments go;
+    its output is replaced when it is restored again. Files gone from SRC keep their rows (done ones are done;
+    unfinished ones fail with "the source is gone")."""
+    plan = manifest.read_plan()
+    columns = [c for c in ("rel_path", "source_version", "video_id", "output_uri") if c in plan.column_names]
+    planned = {r["rel_path"]: r for r in plan.select(columns).to_pylist()}
+    new = [f for f in files if f.rel not in planned]
+    replaced = [f for f in files if f.rel in planned and planned[f.rel].get("source_version")
+                and planned[f.rel]["source_version"] != f.version]
+    if not new and not replaced:
+        return
+    log(f"{len(new)} new and {len(replaced)} replaced file(s) under {spec.src} since the job was planned")
+    taken = {r["output_uri"]: rel for rel, r in planned.items() if r["output_uri"]}
+    make_plan(spec, job_id, manifest, new + replaced, log, part=len(manifest.plan_parts()),
+              replaced=frozenset(f.rel for f in replaced), taken=taken)
+    for f in replaced:
+        with contextlib.suppress(OSError):  # a leftover segment costs space, not correctness
+            storage.remove(storage.join(manifest.segments_root, planned[f.rel]["video_id"]))
+
+
 def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], None] = print,
-            progress: Progress | None = None) -> JobResult:
-    """Run (or resume) the job; `progress` shows it live (default: `log` lines with a count every 10 s)."""
+            progress: Progress | None = None, relist: bool = True) -> JobResult:
+    """Run (or resume) the job; `progress` shows it live (default: `log` lines with a count every 10 s).
+    `relist`: a planned job also plans what SRC gained or replaced since (`restore`; `resume` does not)."""
     started = time.monotonic()
     progress = progress or Progress("plain", log=log)
     if address and address.startswith("ray://"):
-        return _run_job_on_cluster(spec, address, progress)
+        return _run_job_on_cluster(spec, address, progress, relist)
     storage.configure(spec.storage_options)
     # a missing or bad checkpoint fails before any work starts (a bucket's transient errors are retried)
     storage.retrying(check_weights)(spec.chain, spec.models)
@@ -114,6 +144,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         files = storage.list_files(spec.src)
         if not files:
             raise FileNotFoundError(f"no files under {spec.src}")
+    elif relist:
+        files = storage.list_files(spec.src)
     connect(address)
     # what no node can run would wait forever; a cluster this job joined may add such nodes
     check_resources(spec.resources, can_grow=address is not None or "RAY_ADDRESS" in os.environ, log=progress.log)
@@ -133,7 +165,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     return result
 
 
-def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress) -> JobResult:
+def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress, relist: bool) -> JobResult:
     """Ray Client (`--address ray://head:10001`, from a machine outside the cluster): Ray Data cannot drive a
     job through the client, so the job's driver runs on the cluster's head node as a task, and its progress
     comes back here through a queue. Paths are the cluster's: SRC and DEST are buckets, or shared folders.
@@ -142,7 +174,7 @@ def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress) -> JobR
 
     connect(address)
     calls = Queue()
-    ref = _drive_on_cluster.options(resources={"node:__internal_head__": 0.001}).remote(spec, calls)
+    ref = _drive_on_cluster.options(resources={"node:__internal_head__": 0.001}).remote(spec, calls, relist)
     try:
         while True:
             done, _ = ray.wait([ref], timeout=0.5)
@@ -189,8 +221,9 @@ class _Relay(Progress):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _drive_on_cluster(spec: JobSpec, calls) -> JobResult:
-    return run_job(spec, address="auto", progress=_Relay(calls))  # (already connected: the cluster it runs on)
+def _drive_on_cluster(spec: JobSpec, calls, relist: bool) -> JobResult:
+    # (already connected: the cluster it runs on)
+    return run_job(spec, address="auto", progress=_Relay(calls), relist=relist)
 
 
 def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
@@ -214,6 +247,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
     log = progress.log
     if manifest.has_plan():
         log(f"resuming job {job_id}")
+        if files is not None:
+            plan_changes(spec, job_id, manifest, files, log)
     else:
         if files is None:  # the plan another run was making when this one looked is gone (that run failed)
             files = storage.list_files(spec.src)
@@ -260,7 +295,8 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
         log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
-        tasks = [{k: t.get(k, "") for k in (*TASK_FIELDS, "attempt")} for t in wave]  # (old plans: no chunk_times)
+        # (a column an older plan part lacks is missing, or null where parts were joined: "")
+        tasks = [{k: "" if t.get(k) is None else t[k] for k in (*TASK_FIELDS, "attempt")} for t in wave]
         # on the driver's node, which lives as long as the job does (a worker node may be lost mid-pass)
         tries = Tries.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)).remote()
@@ -357,7 +393,8 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
             if any(s.status != "done" for s in chunk_states):
                 continue
             first = rows[0]
-            jobs[vid] = {"source_uri": first["source_uri"], "output_uri": first["output_uri"],
+            jobs[vid] = {"source_uri": first["source_uri"], "source_version": first.get("source_version") or "",
+                         "output_uri": first["output_uri"],
                          "out_format": first["out_format"], "probe_json": first["probe_json"],
                          "segments": [s.segment_uri for s in chunk_states],
                          # a variable-rate video's segments each last exactly their chunk's span of the source

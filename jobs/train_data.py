@@ -42,8 +42,8 @@ VARIANT_SEED = 2_000_003  # and the degraded pool variants from theirs
 def list_sources(data: str) -> tuple[list[str], list[str]]:
     """(media URIs, licence file names) under `data`. Licence files are recorded in the model card."""
     files = storage.list_files(data)
-    licences = [rel for _, rel in files if posixpath.basename(rel).lower().startswith(LICENCE_PREFIXES)]
-    media = [uri for uri, rel in files
+    licences = [rel for _, rel, _ in files if posixpath.basename(rel).lower().startswith(LICENCE_PREFIXES)]
+    media = [uri for uri, rel, _ in files
              if not posixpath.basename(rel).lower().startswith(LICENCE_PREFIXES + ("readme",))
              and not rel.lower().endswith((".txt", ".md", ".json"))]
     if not media:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -81,11 +82,31 @@ class Manifest:
         return JobSpec.model_validate_json(storage.read_bytes(uri))
 
     def write_plan(self, rows: list[dict]) -> None:
+        """The first plan part: every file SRC held when the job was planned."""
+        self.add_plan_part(rows, 0)
+
+    def plan_parts(self) -> list[str]:
+        folder = storage.join(self.root, "plan")
+        return sorted(n for n in storage.ls(folder) if n.startswith("part-") and n.endswith(".parquet"))
+
+    def add_plan_part(self, rows: list[dict], index: int) -> None:
+        """Plan part `index` (0: the first plan; later ones: files a re-run `restore` found new or replaced)."""
         table = pa.Table.from_pylist(rows, schema=PLAN)
-        storage.write_bytes(storage.join(self.root, "plan", "part-00000.parquet"), _parquet_bytes(table))
+        storage.write_bytes(storage.join(self.root, "plan", f"part-{index:05d}.parquet"), _parquet_bytes(table))
 
     def read_plan(self) -> pa.Table:
-        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(self.root, "plan", "part-00000.parquet"))))
+        """The plan: the rows of each source from the latest part that plans it (a source replaced after it was
+        planned is planned again, under a new video id, and its old rows no longer count)."""
+        names = self.plan_parts()
+        blobs = storage.read_many([storage.join(self.root, "plan", n) for n in names])
+        tables = [pq.read_table(io.BytesIO(b)) for b in blobs]
+        if len(tables) <= 1:
+            return tables[0] if tables else PLAN.empty_table()
+        kept, seen = [], pa.array([], pa.string())
+        for table in reversed(tables):  # latest first: a rel_path a later part plans is dropped from earlier ones
+            kept.append(table.filter(pc.invert(pc.is_in(table["rel_path"], value_set=seen))))
+            seen = pa.concat_arrays([seen, pc.unique(table["rel_path"])])
+        return pa.concat_tables(reversed(kept), promote_options="default")
 
     # -- events/ (append-only) --------------------------------------------------------------------------
 

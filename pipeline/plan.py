@@ -15,8 +15,11 @@ from pipeline.storage import join, safe_relative
 MP4_FAMILY = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
 
 
-def video_id(rel_path: str) -> str:
-    return hashlib.sha1(rel_path.encode("utf-8")).hexdigest()[:16]
+def video_id(rel_path: str, generation: int = 0) -> str:
+    """A video's id in its job. A source replaced after it was planned is planned again as a new generation
+    (a later plan part), with an id of its own: the events of the old one never count for it."""
+    key = rel_path if generation == 0 else f"{rel_path}\0{generation}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
 
 
 def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str]:
@@ -39,7 +42,7 @@ def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str
 
 
 def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info: VideoInfo,
-               context: tuple[int, int]) -> list[dict]:
+               context: tuple[int, int], *, version: str = "", generation: int = 0) -> list[dict]:
     """One plan row per chunk of about 2 s (or `spec.chunk_frames`) of source frames."""
     if _dotted(rel_path):
         raise ValueError(f"object key {source_uri!r} has a '..' part: its output would not be its own path in DEST")
@@ -54,8 +57,9 @@ def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info:
         start, end = i * size, min((i + 1) * size, n)
         d0, d1 = max(0, start - before), min(n, end + after)
         rows.append({
-            "job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri,
-            "output_uri": join(spec.dest, rel_out), "rel_path": rel_path, "chunk_index": i, "n_chunks": n_chunks,
+            "job_id": job_id, "video_id": video_id(rel_path, generation), "source_uri": source_uri,
+            "source_version": version, "output_uri": join(spec.dest, rel_out), "rel_path": rel_path,
+            "chunk_index": i, "n_chunks": n_chunks,
             "frame_start": start, "frame_end": end, "decode_start": d0, "decode_end": d1,
             "seek_time": seek_time(info, d0), "n_frames": n, "width": info.width, "height": info.height,
             "bit_depth": info.bit_depth, "fps_num": info.fps_num, "fps_den": info.fps_den,
@@ -84,13 +88,15 @@ def _dotted(rel_path: str) -> bool:
     return ".." in rel_path.split("/")
 
 
-def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, dest: str) -> dict:
+def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, dest: str, *, version: str = "",
+                     generation: int = 0) -> dict:
     """The plan row of an input that cannot be restored: it is listed, with its reason, and never run."""
     try:
         output_uri = "" if _dotted(rel_path) else join(dest, safe_relative(rel_path))
     except ValueError:
         output_uri = ""
-    return {"job_id": job_id, "video_id": video_id(rel_path), "source_uri": source_uri, "output_uri": output_uri,
+    return {"job_id": job_id, "video_id": video_id(rel_path, generation), "source_uri": source_uri,
+            "source_version": version, "output_uri": output_uri,
             "rel_path": rel_path, "chunk_index": -1, "n_chunks": 0, "frame_start": 0, "frame_end": 0,
             "decode_start": 0, "decode_end": 0, "seek_time": 0.0, "n_frames": 0, "width": 0, "height": 0,
             "bit_depth": 0, "fps_num": 0, "fps_den": 1, "out_format": "", "probe_json": "", "chunk_times": "", "error": reason}

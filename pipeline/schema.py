@@ -10,6 +10,9 @@ PLAN = pa.schema([
     ("job_id", pa.string()),
     ("video_id", pa.string()),
     ("source_uri", pa.string()),
+    # The source's size and version tag when listed (storage.version_of): a chunk decoded or a video stitched from
+    # a source that has changed since fails rather than mix two versions in one output. Empty in old plans.
+    ("source_version", pa.string()),
     ("output_uri", pa.string()),
     ("rel_path", pa.string()),
     ("chunk_index", pa.int32()),
@@ -53,7 +56,7 @@ EVENTS = pa.schema([
 ])
 
 # The plan columns a chunk task carries through decode -> restore -> encode, plus what the stages add.
-TASK_FIELDS = ("video_id", "source_uri", "chunk_index", "frame_start", "frame_end", "decode_start",
+TASK_FIELDS = ("video_id", "source_uri", "source_version", "chunk_index", "frame_start", "frame_end", "decode_start",
                "decode_end", "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json",
                "chunk_times")
 RESULT_FIELDS = ("attempt", "error_kind", "error_message", "started_at", "frames_in", "frames_out",

@@ -69,6 +69,7 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None) -> d
         return _failed(row, "lost", f"decode: {lost_reason('chunk')}")
     try:
         faults.maybe_fail("decode", row)
+        storage.check_version(row["source_uri"], row.get("source_version") or "")
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
         with storage.ffmpeg_input(row["source_uri"]) as src:
@@ -76,6 +77,8 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None) -> d
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
                 full_range=info.full_range)
+    except storage.SourceChanged as err:
+        return _failed(row, "source", err)
     except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason
         return _failed(row, "decode", err)
     return {**row, "frames": frames, "frames_in": int(row["frame_end"] - row["frame_start"])}

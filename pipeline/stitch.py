@@ -10,8 +10,12 @@ from pipeline.probe import VideoInfo, probe
 
 
 def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_json: str, segments: list[str],
-                 expected_frames: int, staging_near: str, durations: list[float] | None = None) -> int:
-    """Returns the output's frame count; raises (FFmpegError, RuntimeError) with a one-line reason."""
+                 expected_frames: int, staging_near: str, durations: list[float] | None = None,
+                 source_version: str = "") -> int:
+    """Returns the output's frame count; raises (FFmpegError, RuntimeError, SourceChanged) with a one-line
+    reason. The source's audio, subtitles and metadata are copied from it: it must be the file the chunks
+    were made of."""
+    storage.check_version(source_uri, source_version)
     info = VideoInfo.model_validate_json(probe_json)
     streams = [(s.index, s.kind, s.codec or "") for s in info.streams]
     with storage.staging_dir(staging_near) as tmp, contextlib.ExitStack() as stack:

@@ -9,6 +9,7 @@ moves the result to its URI (an atomic rename on local disks, one upload on obje
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import functools
 import logging
@@ -21,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import fsspec
 import fsspec.asyn
@@ -120,26 +121,72 @@ def is_local(uri: str) -> bool:
     return isinstance(fs_and_path(uri)[0], LocalFileSystem)
 
 
+class Listed(NamedTuple):
+    uri: str
+    rel: str  # the path below SRC
+    version: str  # what identifies this content of the file (see `version_of`)
+
+
 @retrying
-def list_files(src: str) -> list[tuple[str, str]]:
-    """Every file under `src`, recursively, as (uri, path relative to src), sorted; skips reelmend's job areas."""
+def list_files(src: str) -> list[Listed]:
+    """Every file under `src`, recursively, sorted; skips reelmend's job areas. One listing call per page of
+    names: the versions come with it (an object store lists ETags), never a request per file."""
     fs, root = fs_and_path(src)
+    fs.invalidate_cache(root)  # other processes add and replace files there
     if not fs.exists(root):
         raise FileNotFoundError(f"source {src} does not exist")
-    if fs.isfile(root):
-        return [(src, posixpath.basename(root))]
     protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
+    local = not protocol or protocol == "file://"
+    if fs.isfile(root):
+        return [Listed(src, posixpath.basename(root), version_of(fs.info(root)))]
     out = []
     prefix = root.rstrip("/") + "/"
-    for path in sorted(fs.find(root)):
+    for path, info in sorted(fs.find(root, detail=True).items()):
         # Literally the part after SRC: relpath would resolve an object key's '..' ("x/../a.mp4" is a key of
         # its own, not "a.mp4"), which the plan then refuses.
         rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
         if rel.split("/", 1)[0] == JOB_AREA:
             continue
-        local = not protocol or protocol == "file://"
-        out.append((path if local else f"{protocol}{path}", rel))
+        out.append(Listed(path if local else f"{protocol}{path}", rel, version_of(info)))
     return out
+
+
+# The field of a listing that changes whenever a file's content does, by store: an object's ETag (S3, Azure),
+# its generation (GCS), a file's modification time (local disks, SFTP), when it was written (memory://).
+VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def version_of(info: dict) -> str:
+    """A file's size and its store's version field: equal strings mean the same content, as far as the store
+    can tell without reading it (a file rewritten within the same second of mtime, same size, is not seen)."""
+    key = next((k for k in VERSION_FIELDS if info.get(k) not in (None, "")), None)
+    if key is None:
+        return f"size={info.get('size')}"
+    value = info[key]
+    if isinstance(value, datetime.datetime):  # one store may give a listing's times as numbers, its info's as dates
+        value = value.timestamp()
+    return f"size={info.get('size')} {key}={value}"
+
+
+class SourceChanged(ValueError):
+    """The source is not the file the job planned: chunks of two versions must never make one output."""
+
+
+@retrying
+def check_version(uri: str, version: str) -> None:
+    """Raise SourceChanged unless `uri` is still the file listed with `version` (no check when the plan
+    predates versions: empty)."""
+    if not version:
+        return
+    fs, path = fs_and_path(uri)
+    fs.invalidate_cache(path)
+    try:
+        now = version_of(fs.info(path))
+    except FileNotFoundError:
+        raise SourceChanged("the source is gone since the job planned it") from None
+    if now != version:
+        raise SourceChanged(f"the source changed since the job planned it ({version} then, {now} now); re-run "
+                            "`reelmend restore` with the same arguments to restore it as it is now")
 
 
 @retrying
