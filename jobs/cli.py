@@ -126,7 +126,7 @@ def _report(result, progress) -> None:
     if progress.mode == "jsonl":
         for v in result.videos:
             progress.event("video", path=v.rel_path, status=v.status, output=v.output_uri, reason=v.reason,
-                           frames_out=v.frames_out)
+                           frames_out=v.frames_out, frames_concealed=v.frames_concealed)
         progress.event("summary", job_id=result.job_id, manifest=result.manifest_uri,
                        done=sum(v.status == "done" for v in result.videos),
                        failed=sum(v.status == "failed" for v in result.videos),
@@ -135,14 +135,17 @@ def _report(result, progress) -> None:
         return
     if progress.mode == "quiet":
         for v in result.videos:
-            if v.status != "done":
+            if v.status != "done" or v.reason:  # failures, and what a done video could not keep (concealed frames)
                 console.print(f"{v.status}: {escape(v.rel_path)}: {escape(v.reason)}", soft_wrap=True)
         return
     for v in result.videos:
         mark = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(v.status, "[yellow]pending[/]")
         # file names and reasons are text, never markup: "take[/b]1.mkv" is a valid name
         line = f"{mark}  {escape(v.rel_path)}"
-        line += f" -> {escape(v.output_uri)}" if v.status == "done" else f": {escape(v.reason)}" if v.reason else ""
+        if v.status == "done":
+            line += f" -> {escape(v.output_uri)}" + (f" ({escape(v.reason)})" if v.reason else "")
+        elif v.reason:
+            line += f": {escape(v.reason)}"
         out.print(line, soft_wrap=True)
     done = sum(v.status == "done" for v in result.videos)
     out.print(f"{done}/{len(result.videos)} video(s) restored in {result.seconds:.1f} s "
@@ -162,6 +165,10 @@ def restore(
     lossless: Annotated[bool, typer.Option(help="Encode FFV1 in RGB, bit-exact to the chain (evaluation).")] = False,
     crf: Annotated[int, typer.Option(help="Constant rate factor of the lossy encoder.")] = 18,
     codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
+    conceal_damage: Annotated[bool, typer.Option(
+        help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the nearest decoded "
+             "frame, and status names them, instead of failing the video (which still fails when more than half "
+             "its frames are lost).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
     max_attempts: Annotated[Optional[int], typer.Option(
         help="Tries per chunk before its video fails (all runs counted) [default: 3, or what the job has]")] = None,
@@ -193,6 +200,7 @@ def restore(
                                  encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
+                       conceal_damage=conceal_damage,
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)
         return run_job(spec, address=address, progress=progress)

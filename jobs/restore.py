@@ -41,8 +41,9 @@ class VideoResult:
     rel_path: str
     output_uri: str
     status: str  # done | failed | pending
-    reason: str = ""
+    reason: str = ""  # why it failed; for a done video, what it could not restore as it was (concealed frames)
     frames_out: int = 0
+    frames_concealed: int = 0
 
 
 @dataclass
@@ -57,10 +58,6 @@ class JobResult:
     @property
     def exit_code(self) -> int:
         return 0 if all(v.status == "done" for v in self.videos) else 3
-
-
-def _shaping(spec: JobSpec) -> dict:
-    return spec.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
 
 
 def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
@@ -232,7 +229,7 @@ def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
     if not manifest.has_plan():
         return spec
     stored = manifest.read_spec()
-    if _shaping(stored) != _shaping(spec):
+    if stored.shaping() != spec.shaping():
         raise ValueError(f"job {manifest.job_id} under {spec.dest} was planned with other options; "
                          "use another --job-id or the same options")
     if "max_attempts" not in spec.model_fields_set:  # a re-run `restore` keeps the budget a resume set
@@ -310,10 +307,13 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
                     held.check()
                     faults.maybe_fail("driver", row)
                     ok = not row["error_kind"]
+                    concealed = int(row.get("frames_concealed") or 0) if ok else 0
+                    kind, message = row["error_kind"] or None, row["error_message"] or None
+                    if concealed:  # done, with a note of what it could not decode
+                        kind, message = "concealed", concealed_note(concealed, row["concealed_at"])
                     writer.add({"video_id": row["video_id"], "chunk_index": int(row["chunk_index"]),
                                 "status": "done" if ok else "failed", "attempt": int(row["attempt"]),
-                                "error_kind": row["error_kind"] or None,
-                                "error_message": row["error_message"] or None,
+                                "error_kind": kind, "error_message": message, "frames_concealed": concealed,
                                 "started_at": float(row["started_at"]), "frames_in": int(row["frames_in"]),
                                 "frames_out": int(row["frames_out"]), "segment_uri": row["segment_uri"] or None,
                                 "worker": row["worker"]})
@@ -334,6 +334,11 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
             with contextlib.suppress(Exception):  # the connection may be gone with what is being raised
                 ray.kill(tries)
     return chunks, frames
+
+
+def concealed_note(count: int, at: str) -> str:
+    """What a done chunk's event says of its concealed frames (`at`: their source frame indices)."""
+    return f"{count} source frame(s) could not be decoded and repeat a neighbour: frame(s) {at}"
 
 
 def _own_frames(row: dict) -> int:
@@ -383,16 +388,23 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
         for row in plan:
             if row["chunk_index"] >= 0:
                 videos.setdefault(row["video_id"], []).append(row)
-        jobs = {}
+        jobs, undecodable = {}, []
         for vid, rows in videos.items():
             video_state = states.get((vid, -1))
-            if video_state and (video_state.status == "done" or video_state.failures >= spec.max_attempts):
+            if video_state and (video_state.status == "done" or _given_up(video_state, spec.max_attempts)):
                 continue
             rows.sort(key=lambda r: r["chunk_index"])
             chunk_states = [states.get((vid, r["chunk_index"]), NO_EVENTS) for r in rows]
             if any(s.status != "done" for s in chunk_states):
                 continue
             first = rows[0]
+            concealed = sum(s.frames_concealed for s in chunk_states)
+            if 2 * concealed > first["n_frames"]:  # what is left is not the video: concealing stops here
+                undecodable.append({"video_id": vid, "chunk_index": -1, "status": "failed", "attempt": 1,
+                                    "error_kind": "undecodable", "finished_at": time.time(),
+                                    "error_message": f"{concealed} of its {first['n_frames']} frames could not be "
+                                                     "decoded: too few are left to restore the video from"})
+                continue
             jobs[vid] = {"source_uri": first["source_uri"], "source_version": first.get("source_version") or "",
                          "output_uri": first["output_uri"],
                          "out_format": first["out_format"], "probe_json": first["probe_json"],
@@ -401,6 +413,9 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                          "durations": ([json.loads(r["chunk_times"])[-1] for r in rows]
                                        if all(r.get("chunk_times") for r in rows) else None),
                          "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root}
+        if undecodable:
+            held.check()
+            manifest.append_events(undecodable)
         if not jobs:
             return
         log(f"stitching {len(jobs)} video(s)")
@@ -427,6 +442,11 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                         log(f"could not remove {uri}: {err}")
 
 
+def _given_up(state: ChunkState, max_attempts: int) -> bool:
+    """A video-level failure that is final: its stitch failed every attempt, or too little of it decodes."""
+    return state.status == "failed" and (state.failures >= max_attempts or state.error_kind == "undecodable")
+
+
 def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[VideoResult]:
     """Per video: done (stitched), failed (with the reason) or pending, from the plan and the events."""
     states = manifest.chunk_states()
@@ -438,6 +458,8 @@ def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[V
             v.status, v.reason = "failed", row["error"] or "cannot be restored"
             continue
         s = states.get((vid, row["chunk_index"]))
+        if s and s.status == "done":
+            v.frames_concealed += s.frames_concealed
         if s and s.status == "failed" and s.failures >= max_attempts and v.status != "failed":
             v.status, v.reason = "failed", f"chunk {row['chunk_index']}: {s.error_kind}: {s.error_message}"
     for v in out.values():
@@ -445,6 +467,8 @@ def summarize(manifest: Manifest, plan: list[dict], max_attempts: int) -> list[V
         if v.status != "failed" and s:
             if s.status == "done":
                 v.status, v.frames_out = "done", s.frames_out
-            elif s.status == "failed" and s.failures >= max_attempts:
-                v.status, v.reason = "failed", f"stitch: {s.error_message}"
+                if v.frames_concealed:
+                    v.reason = f"{v.frames_concealed} frame(s) concealed: the source's could not be decoded"
+            elif _given_up(s, max_attempts):
+                v.status, v.reason = "failed", f"{s.error_kind}: {s.error_message}"
     return list(out.values())

@@ -53,6 +53,7 @@ def job_status(dest: str, job_id: str | None) -> dict:
         "videos": [
             {"video_id": v.video_id, "path": v.rel_path, "output": v.output_uri, "status": v.status,
              "reason": " ".join(v.reason.split()), "frames_out": v.frames_out,  # one line, whatever FFmpeg said
+             "frames_concealed": v.frames_concealed,
              "frames_in": source.get(v.video_id, {}).get("frames_in", 0),
              "duration_s": source.get(v.video_id, {}).get("duration_s", 0.0),
              "compute_s": round(compute.get(v.video_id, 0.0), 2),

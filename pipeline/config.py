@@ -75,6 +75,9 @@ class JobSpec(Frozen):
     models: str | None = None  # a folder `reelmend train --out` wrote; None = the shipped weights
     chunk_frames: int | None = Field(None, ge=2, le=100_000)  # None: about 2 s of frames per chunk
     max_attempts: int = Field(3, ge=1, le=100)
+    # Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the nearest decoded frame
+    # of their chunk instead of failing the video; a video with more than half its frames concealed still fails.
+    conceal_damage: bool = False
     encode: EncodeSpec = EncodeSpec()
     resources: ResourceSpec = ResourceSpec()
     job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -136,9 +139,14 @@ class JobSpec(Frozen):
         """The given id, or one derived from everything that shapes the output, so re-running resumes."""
         if self.job_id:
             return self.job_id
-        shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
-        digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(self.shaping(), sort_keys=True).encode()).hexdigest()
         return f"job-{digest[:12]}"
+
+    def shaping(self) -> dict[str, Any]:
+        """What shapes the outputs: a job is these. (conceal_damage only when set, so the ids of jobs made before
+        it existed stay the same.)"""
+        shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
+        return {**shaping, "conceal_damage": True} if self.conceal_damage else shaping
 
 
 def _comparable(uri: str) -> tuple[str, str]:

@@ -8,14 +8,18 @@ as the arguments FFmpeg documents.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
+import os
 import re
 import subprocess
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
@@ -232,6 +236,7 @@ class Window:
     end: float | None  # halfway past the chunk's last frame; None: the chunk ends with the stream
     copyts: bool = False  # cut by the stream's own timestamps (-copyts)
     skip: int | None = None  # AVI: cut by counting frames instead, dropping this many from the keyframe's on
+    times: tuple[float, ...] = ()  # where the packets put the chunk's frames, on the decode's timeline
 
 
 # FFmpeg's -ss in a container that seeks by decode time, where any stream has B-frames (a reorder delay), seeks
@@ -344,10 +349,11 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
             # Seek early and cut by the stream's own timestamps: where a program-stream seek lands, and so where
             # FFmpeg's timeline starts, is not exact.
             at = max(0.0, at - PS_SEEK_BACK) if at > 0 else 0.0
-            return Window(seek=at or None, start=start, end=end, copyts=True)
+            return Window(seek=at or None, start=start, end=end, copyts=True, times=tuple(after[:n_frames]))
         zero = max(at, 0.0)  # the decode's timeline starts at the seek point
         return Window(seek=zero or None, start=start - base - zero,
-                      end=None if end is None else end - base - zero)
+                      end=None if end is None else end - base - zero,
+                      times=tuple(t - base - zero for t in after[:n_frames]))
 
 
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
@@ -356,10 +362,33 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
     and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by count).
     A frame that cannot be decoded makes the call fail ("produced k of n frames"); no frame of a neighbour takes
-    its place.
+    its place (`decode_frames_concealing` puts one there, knowingly).
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
     their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate)."""
+    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range)
+    frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
+    run([*cmd.args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames, timeout=cmd.timeout(width * height),
+        what=f"decoding {n_frames} frames failed")
+    return frames
+
+
+@dataclass(frozen=True)
+class _Decode:
+    args: list[str]  # FFmpeg up to the output's options
+    output_args: list[str]  # the output's options but its format and name
+    cut: str  # the filters that drop the frames outside the chunk ("" or ending with ",")
+    window: Window | None
+    n_frames: int
+    frames_before: int  # frames decoded before the chunk's first (for the timeout)
+    dtype: type
+
+    def timeout(self, pixels: int) -> float:
+        return work_timeout(self.n_frames + self.frames_before, pixels)
+
+
+def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: int, high_depth: bool, matrix: str,
+                    full_range: bool | None) -> _Decode:
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
     seek = seek if seek is not None and seek > 0 else 0.0
@@ -393,13 +422,94 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
         # at 240 fps at most
         lead = seek - (window.seek or 0.0) if window.copyts else window.start
         frames_before = int(max(0.0, lead) * 240)
-    args += ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
-             "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
-             "-pix_fmt", pix_fmt, "-f", "rawvideo", "pipe:1"]
-    frames = np.empty((n_frames, height, width, 3), dtype=dtype)
-    run(args, stdout_into=frames, timeout=work_timeout(n_frames + frames_before, width * height),
-        what=f"decoding {n_frames} frames failed")
-    return frames
+    output = ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+              "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
+              "-pix_fmt", pix_fmt]
+    return _Decode(args, output, cut, window, n_frames, frames_before, dtype)
+
+
+SHORT_DECODE = re.compile(r"produced (\d+) of (\d+) frames")
+
+
+def decode_frames_concealing(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int,
+                             height: int, high_depth: bool, matrix: str,
+                             full_range: bool | None) -> tuple[np.ndarray, list[int]]:
+    """`decode_frames`, except that frames the decoder cannot produce (packets it rejects, a GOP whose keyframe
+    is gone) are concealed: each repeats the nearest decoded frame of the chunk before it (else after it), or is
+    black where no frame of the chunk decodes. Returns the frames and the indices of the concealed ones.
+
+    Each decoded frame is put where its timestamp says, among the times the packets give the chunk's frames
+    (`Window.times`), so no frame moves. Where the stream gives no such times (no timestamps, AVI's frame
+    counting) a short chunk fails as in `decode_frames`, with the reason it could not be concealed."""
+    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range)
+    # FFmpeg fails a run in which more than 2/3 of the frames had decoding errors; here the count decides
+    args = [*cmd.args[:1], "-max_error_rate", "1", *cmd.args[1:]]
+    frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
+    try:
+        run([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames,
+            timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
+        return frames, []
+    except FFmpegError as err:
+        if not SHORT_DECODE.search(err.detail):
+            raise
+        short = err
+    del frames
+    times = cmd.window.times if cmd.window is not None else ()
+    if not times:
+        raise FFmpegError(short.what, f"{short.detail}; it cannot be concealed: the stream gives no frame times to "
+                                      "place the decoded frames by")
+    with tempfile.TemporaryDirectory(prefix="reelmend-conceal-") as tmp:
+        crc = os.path.join(tmp, "frames.crc")
+        # a second output of the same decode: every kept frame's timestamp, in microseconds
+        raw = run([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1",
+                   "-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+                   "-vf", cmd.cut.rstrip(",") or "null", "-enc_time_base", "1:1000000", "-f", "framecrc", crc],
+                  timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
+        stamps = _framecrc_times(Path(crc).read_text())
+    got = np.frombuffer(raw, dtype=cmd.dtype)[: len(stamps) * height * width * 3].reshape(-1, height, width, 3)
+    return conceal(got, stamps[: len(got)], list(times), n_frames)
+
+
+def _framecrc_times(text: str) -> list[float]:
+    """Presentation times (seconds) of the frames a framecrc output lists ("stream, dts, pts, duration, ...")."""
+    tb = Fraction(1, 1_000_000)
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#tb 0:"):
+            tb = Fraction(line.split(":", 1)[1].strip().replace(" ", ""))
+        elif line and not line.startswith("#"):
+            fields = [f.strip() for f in line.split(",")]
+            out.append(float(int(fields[2]) * tb))
+    return out
+
+
+def conceal(got: np.ndarray, stamps: list[float], times: list[float], n: int) -> tuple[np.ndarray, list[int]]:
+    """Place the decoded frames `got` (presentation times `stamps`) at the chunk's frame times `times` (sorted;
+    extended at the last spacing when the packets ended early), then fill each empty place from the nearest
+    decoded frame before it, else after it, else black. Returns the n frames and the indices of the filled
+    places."""
+    if len(times) < n:
+        step = times[-1] - times[-2] if len(times) > 1 else 1 / 25
+        times = times + [times[-1] + step * (k + 1) for k in range(n - len(times))]
+    times = times[:n]
+    source = [-1] * n  # the decoded frame each place shows
+    for i, t in enumerate(stamps):
+        k = bisect.bisect_left(times, t)
+        j = min((c for c in (k - 1, k) if 0 <= c < n), key=lambda c: abs(times[c] - t))
+        spacing = min([abs(times[j] - times[c]) for c in (j - 1, j + 1) if 0 <= c < n] or [1.0])
+        if abs(times[j] - t) < spacing / 2 and source[j] < 0:
+            source[j] = i
+    missing = [j for j in range(n) if source[j] < 0]
+    last = next((i for i in source if i >= 0), -1)  # the places before the first decoded frame take it
+    for j in range(n):  # the others the nearest decoded frame before them
+        if source[j] < 0:
+            source[j] = last
+        last = source[j]
+    frames = np.zeros((n, *got.shape[1:]), dtype=got.dtype)  # black where nothing decoded
+    for j, i in enumerate(source):
+        if i >= 0:
+            frames[j] = got[i]
+    return frames, missing
 
 
 # -- encode -------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class ChunkState:
     error_message: str = ""
     frames_out: int = 0
     segment_uri: str = ""
+    frames_concealed: int = 0
 
 
 def job_root(dest: str, job_id: str) -> str:
@@ -133,7 +134,8 @@ class Manifest:
 
     def read_events(self) -> pa.Table:
         tables = self._read_parts(self._event_parts())
-        return pa.concat_tables(tables) if tables else EVENTS.empty_table()
+        # (parts written before a column was added lack it: null there)
+        return pa.concat_tables(tables, promote_options="default") if tables else EVENTS.empty_table()
 
     def chunk_states(self) -> dict[tuple[str, int], ChunkState]:
         """The latest state of every (video_id, chunk_index) that has events, with its failure count.
@@ -153,7 +155,8 @@ class Manifest:
                 prev = self._states.get(key)
                 failures = (prev.failures if prev else 0) + (e["status"] == "failed")
                 self._states[key] = ChunkState(e["status"], failures, e["error_kind"] or "", e["error_message"] or "",
-                                               e["frames_out"] or 0, e["segment_uri"] or "")
+                                               e["frames_out"] or 0, e["segment_uri"] or "",
+                                               e.get("frames_concealed") or 0)
             self._folded.add(name)
             self._last_folded = max(self._last_folded, name)
         return dict(self._states)

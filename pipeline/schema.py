@@ -51,6 +51,9 @@ EVENTS = pa.schema([
     ("finished_at", pa.timestamp("ms", tz="UTC")),
     ("frames_in", pa.int64()),
     ("frames_out", pa.int64()),
+    # Source frames of the chunk that could not be decoded and repeat a neighbour (--conceal-damage); their
+    # indices are in error_message, with error_kind "concealed", of the chunk's done event. Null in old parts.
+    ("frames_concealed", pa.int64()),
     ("segment_uri", pa.string()),
     ("worker", pa.string()),
 ])
@@ -59,5 +62,6 @@ EVENTS = pa.schema([
 TASK_FIELDS = ("video_id", "source_uri", "source_version", "chunk_index", "frame_start", "frame_end", "decode_start",
                "decode_end", "seek_time", "width", "height", "bit_depth", "fps_num", "fps_den", "probe_json",
                "chunk_times")
-RESULT_FIELDS = ("attempt", "error_kind", "error_message", "started_at", "frames_in", "frames_out",
+RESULT_FIELDS = ("attempt", "error_kind", "error_message", "started_at", "frames_in", "frames_out", "frames_concealed",
+                 "concealed_at",
                  "segment_uri", "worker")

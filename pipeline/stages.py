@@ -59,12 +59,14 @@ def _failed(row: dict[str, Any], kind: str, err: BaseException | str) -> dict[st
     return {**row, "frames": EMPTY, "error_kind": kind, "error_message": message[:2000], "worker": _worker()}
 
 
-def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None) -> dict[str, Any]:
+def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conceal: bool = False) -> dict[str, Any]:
     """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
-    sources deeper than 8 bits)."""
+    sources deeper than 8 bits). `conceal`: frames the decoder cannot produce repeat a neighbour
+    (`ffmpeg.decode_frames_concealing`); the chunk's own ones are counted in `frames_concealed` and listed,
+    as source frame indices, in `concealed_at`."""
     storage.configure(storage_options)
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
-           "frames_out": 0, "segment_uri": "", "worker": _worker()}
+           "frames_out": 0, "frames_concealed": 0, "concealed_at": "", "segment_uri": "", "worker": _worker()}
     if _lost("decode", row, tries):
         return _failed(row, "lost", f"decode: {lost_reason('chunk')}")
     try:
@@ -72,11 +74,17 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None) -> d
         storage.check_version(row["source_uri"], row.get("source_version") or "")
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
+        decode = ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames
         with storage.ffmpeg_input(row["source_uri"]) as src:
-            frames = ffmpeg.decode_frames(
+            frames = decode(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
                 full_range=info.full_range)
+        if conceal:
+            frames, missing = frames
+            own = [int(row["decode_start"]) + j for j in missing
+                   if row["frame_start"] <= int(row["decode_start"]) + j < row["frame_end"]]
+            row = {**row, "frames_concealed": len(own), "concealed_at": ", ".join(map(str, own))}
     except storage.SourceChanged as err:
         return _failed(row, "source", err)
     except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason

@@ -103,10 +103,35 @@ def packet_positions(path: Path) -> list[int]:
     return [int(line.strip(",")) for line in out.split()]
 
 
+X264 = ("-c:v", "libx264", "-threads", "1")
+
+
+def corrupt_packets(work: Path) -> bytes:
+    """30 frames of H.264 (GOPs of 10) with bytes overwritten inside packets the index still lists: the decoder
+    rejects two of them."""
+    data = make_clip(work / "whole.mp4", frames=30, extra=(*X264, "-g", "10")).read_bytes()
+    damaged = bytearray(data)
+    mdat = damaged.find(b"mdat")
+    for at in range(mdat + 3000, mdat + 4000, 50):
+        damaged[at:at + 8] = b"\xff" * 8
+    return bytes(damaged)
+
+
+def cut_mid_gop(work: Path, frames: int = 40, gop: int = 20) -> tuple[Path, bytes]:
+    """An MPEG-TS capture (B-frames) and a copy cut after its first keyframe: the keyframe (with SPS/PPS) and the
+    packet after it are gone, so nothing decodes before the next keyframe."""
+    whole = work / f"gop-{frames}-{gop}.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", str(frames), *X264, "-g", str(gop),
+           "-bf", "2", str(whole))
+    pos = packet_positions(whole)  # file order; PAT and PMT come before the first
+    data = whole.read_bytes()
+    return whole, data[:pos[0]] + data[pos[2]:]
+
+
 def build_corpus(src: Path, work: Path) -> None:
     """At least 15 kinds of bad input, each tiny. x264 runs with one thread where bytes are edited afterwards:
     its output (and so what an edit hits) depends on the thread count."""
-    x264 = ("-c:v", "libx264", "-threads", "1")
+    x264 = X264
     # -- what cannot be restored
     (src / "empty.mp4").write_bytes(b"")
     (src / "random bytes.mp4").write_bytes(random.Random(7).randbytes(64 * 1024))
@@ -114,11 +139,7 @@ def build_corpus(src: Path, work: Path) -> None:
     data = whole.read_bytes()
     assert data.find(b"moov") > data.find(b"mdat")  # FFmpeg writes the index last: a cut loses it
     (src / "truncated.mp4").write_bytes(data[: len(data) * 2 // 3])
-    damaged = bytearray(data)
-    mdat = damaged.find(b"mdat")
-    for at in range(mdat + 3000, mdat + 4000, 50):  # inside packets; the index still lists every one
-        damaged[at:at + 8] = b"\xff" * 8
-    (src / "corrupt packets.mp4").write_bytes(bytes(damaged))
+    (src / "corrupt packets.mp4").write_bytes(corrupt_packets(work))
     ffmpeg("-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", str(src / "audio only.mp4"))
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48", "-frames:v", "1", str(src / "still.png"))
     (src / "zero frames.y4m").write_bytes(b"YUV4MPEG2 W96 H64 F25:1 Ip A1:1 C420jpeg\n")  # a header, no FRAME
@@ -129,12 +150,9 @@ def build_corpus(src: Path, work: Path) -> None:
     mkv = make_clip(work / "h264.mkv", frames=20, extra=x264).read_bytes()
     assert mkv.count(b"V_MPEG4/ISO/AVC") == 1  # Matroska's codec id, replaced by one of the same length
     (src / "unknown codec.mkv").write_bytes(mkv.replace(b"V_MPEG4/ISO/AVC", b"V_REELMEND/XYZ1"))
-    gop = work / "gop.ts"
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-frames:v", "40", *x264, "-g", "20", "-bf", "2",
-           str(gop))
-    pos = packet_positions(gop)  # file order; PAT and PMT come before the first
+    gop, cut = cut_mid_gop(work)
+    (src / "cut mid-GOP.ts").write_bytes(cut)
     data = gop.read_bytes()
-    (src / "cut mid-GOP.ts").write_bytes(data[:pos[0]] + data[pos[2]:])  # the keyframe (with SPS/PPS) is gone
     (src / "hls playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.6,\nfile://{gop}\n"
                                          "#EXT-X-ENDLIST\n")
     # -- what can
@@ -328,3 +346,55 @@ def test_a_bucket_with_escaping_keys_restores_the_rest_inside_dest(tmp_path, s3,
     (job,) = (dest / "_reelmend").iterdir()
     plan = pq.read_table(io.BytesIO((job / "plan" / "part-00000.parquet").read_bytes())).to_pylist()
     assert {r["source_uri"] for r in plan if r["error"]} == {f"s3://{bucket}/{k}" for k in keys[1:]}
+
+
+def decodable(path: Path) -> tuple[np.ndarray, list[int]]:
+    """The frames FFmpeg can decode from a damaged file, and where each belongs: its index among the frames the
+    packets promise (by presentation time)."""
+    promised = sorted(t for t in (float(x.strip(",")) for x in subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time", "-of", "csv=p=0",
+         str(path)], capture_output=True, text=True, check=True).stdout.split()))
+    got = video_times(path)
+    return frames_of(path), [min(range(len(promised)), key=lambda k: abs(promised[k] - t)) for t in got]
+
+
+def test_conceal_damage_keeps_every_decodable_frame_in_its_place(tmp_path, ray_address):
+    src, work, dest = tmp_path / "in", tmp_path / "work", tmp_path / "out"
+    src.mkdir()
+    work.mkdir()
+    (src / "corrupt packets.mp4").write_bytes(corrupt_packets(work))
+    (src / "cut mid-GOP.ts").write_bytes(cut_mid_gop(work)[1])
+    # one GOP of 30 frames whose packets 4 to 23 have their headers overwritten: the decoder rejects them, and
+    # the frames after them, which refer to them
+    data = bytearray(make_clip(work / "one gop.mp4", frames=30, extra=(*X264, "-g", "30")).read_bytes())
+    for at in packet_positions(work / "one gop.mp4")[4:24]:
+        data[at:at + 8] = b"\xff" * 8
+    (src / "mostly lost.mp4").write_bytes(bytes(data))
+    result = runner.invoke(app, ["restore", str(src), str(dest), "--chain", "identity", "--lossless",
+                                 "--chunk-frames", "10", "--conceal-damage"], catch_exceptions=False)
+    assert result.exit_code == 3, result.output
+    status = runner.invoke(app, ["status", str(dest), "--json"], catch_exceptions=False)
+    videos = {v["path"]: v for v in json.loads(status.output)["videos"]}
+
+    lost = videos["mostly lost.mp4"]  # four frames repeated throughout would not be a restoration: it fails
+    assert lost["status"] == "failed" and re.search(r"^undecodable: 26 of its 30 frames could not be decoded",
+                                                    lost["reason"]), lost
+    assert not (dest / "mostly lost.mkv").exists()
+
+    for name, out, concealed in (("corrupt packets.mp4", "corrupt packets.mkv", 2),
+                                 ("cut mid-GOP.ts", "cut mid-GOP.mkv", 18)):
+        video = videos[name]
+        assert video["status"] == "done" and video["frames_concealed"] == concealed, video
+        assert f"{concealed} frame(s) concealed" in video["reason"]
+        restored = frames_of(dest / out)
+        assert len(restored) == probe(str(src / name)).n_frames  # the frame count, and so the timing, kept
+        frames, places = decodable(src / name)
+        assert len(frames) == len(restored) - concealed
+        for frame, place in zip(frames, places):  # each decodable frame exactly where it belongs
+            assert np.array_equal(restored[place], frame), (name, place)
+        for k in sorted(set(range(len(restored))) - set(places)):  # the others repeat a neighbour (or are black)
+            assert any(np.array_equal(restored[k], restored[j]) for j in (k - 1, k + 1) if 0 <= j < len(restored)) \
+                or not restored[k].any(), (name, k)
+    (job,) = (dest / "_reelmend").iterdir()
+    notes = [e["error_message"] for e in pq.read_table(job / "events").to_pylist() if e["error_kind"] == "concealed"]
+    assert any("could not be decoded and repeat a neighbour: frame(s) 6, 7" in n for n in notes), notes
