@@ -185,8 +185,7 @@ def restore(
     jsonl: Annotated[bool, typer.Option("--jsonl", help=JSONL_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
 ) -> None:
-    """Restore every video under SRC into DEST; re-running the same command resumes, and restores the files
-    SRC gained or replaced since."""
+    """Restore every video under SRC into DEST (run again: resumes, and restores files added or replaced since)."""
     from jobs.restore import run_job
     from pipeline.config import EncodeSpec, JobSpec, ResourceSpec
 
