@@ -166,8 +166,8 @@ def restore(
     crf: Annotated[int, typer.Option(help="Constant rate factor of the lossy encoder.")] = 18,
     codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
     conceal_damage: Annotated[bool, typer.Option(
-        help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the nearest decoded "
-             "frame, and status names them, instead of failing the video (which still fails when more than half "
+        help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame "
+             "before them, and status names them, instead of failing the video (which still fails when more than half "
              "its frames are lost).")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
     max_attempts: Annotated[Optional[int], typer.Option(

@@ -62,7 +62,7 @@ class JobResult:
 
 def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
               log: Callable[[str], None], *, part: int = 0, replaced: frozenset[str] = frozenset(),
-              taken: dict[str, str] | None = None) -> None:
+              taken: dict[str, str] | None = None, check: Callable[[], None] = lambda: None) -> None:
     """Probe every file on the cluster and write plan part `part` before any of its chunks runs: part 0 with
     job.json when the job is new, a later part for what a re-run found new or `replaced` (paths below SRC,
     planned anew under new video ids). `taken`: output URI -> the path below SRC of the input that has it."""
@@ -93,6 +93,7 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
         rows.append(row)
         failed.append({"video_id": row["video_id"], "chunk_index": -1, "status": "failed", "attempt": 1,
                        "error_kind": "probe", "error_message": info})
+    check()  # (the lease: a run that lost it while probing writes nothing)
     if part == 0:
         manifest.write_spec(spec)
     manifest.add_plan_part(rows, part)
@@ -100,13 +101,15 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
 
 
 def plan_changes(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], check: Callable[[], None] = lambda: None) -> None:
     """A re-run `restore` of a planned job: plan the files SRC gained since, and those replaced since (a new
     size or version tag), each anew. The old chunks of a replaced file no longer count and their segments go;
-    its output is replaced when it is restored again. Files gone from SRC keep their rows (done ones are done;
-    unfinished ones fail with "the source is gone")."""
+    its output is replaced when it is restored again (one whose output name changes, e.g. to .mkv, leaves the old
+    output beside the new). Files gone from SRC keep their rows (done ones are done; unfinished ones fail with
+    "the source is gone"). Rows planned before sources had versions (empty) are never taken as replaced."""
     plan = manifest.read_plan()
-    columns = [c for c in ("rel_path", "source_version", "video_id", "output_uri") if c in plan.column_names]
+    columns = [c for c in ("rel_path", "source_version", "video_id", "output_uri", "chunk_index")
+               if c in plan.column_names]
     planned = {r["rel_path"]: r for r in plan.select(columns).to_pylist()}
     new = [f for f in files if f.rel not in planned]
     replaced = [f for f in files if f.rel in planned and planned[f.rel].get("source_version")
@@ -114,9 +117,9 @@ def plan_changes(spec: JobSpec, job_id: str, manifest: Manifest, files: list[sto
     if not new and not replaced:
         return
     log(f"{len(new)} new and {len(replaced)} replaced file(s) under {spec.src} since the job was planned")
-    taken = {r["output_uri"]: rel for rel, r in planned.items() if r["output_uri"]}
+    taken = {r["output_uri"]: rel for rel, r in planned.items() if r["chunk_index"] >= 0}  # (not a probe failure's)
     make_plan(spec, job_id, manifest, new + replaced, log, part=len(manifest.plan_parts()),
-              replaced=frozenset(f.rel for f in replaced), taken=taken)
+              replaced=frozenset(f.rel for f in replaced), taken=taken, check=check)
     for f in replaced:
         with contextlib.suppress(OSError):  # a leftover segment costs space, not correctness
             storage.remove(storage.join(manifest.segments_root, planned[f.rel]["video_id"]))
@@ -141,8 +144,11 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         files = storage.list_files(spec.src)
         if not files:
             raise FileNotFoundError(f"no files under {spec.src}")
-    elif relist:
-        files = storage.list_files(spec.src)
+    elif relist:  # a planned job run again by `restore`: what SRC gained or replaced since is planned too
+        try:
+            files = storage.list_files(spec.src)
+        except FileNotFoundError:
+            progress.log(f"{spec.src} does not exist (any more): nothing new to plan; finishing what is planned")
     connect(address)
     # what no node can run would wait forever; a cluster this job joined may add such nodes
     check_resources(spec.resources, can_grow=address is not None or "RAY_ADDRESS" in os.environ, log=progress.log)
@@ -245,11 +251,11 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
     if manifest.has_plan():
         log(f"resuming job {job_id}")
         if files is not None:
-            plan_changes(spec, job_id, manifest, files, log)
+            plan_changes(spec, job_id, manifest, files, log, check=held.check)
     else:
         if files is None:  # the plan another run was making when this one looked is gone (that run failed)
             files = storage.list_files(spec.src)
-        make_plan(spec, job_id, manifest, files, log)
+        make_plan(spec, job_id, manifest, files, log, check=held.check)
     plan = manifest.read_plan().to_pylist()
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
@@ -338,6 +344,8 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
 
 def concealed_note(count: int, at: str) -> str:
     """What a done chunk's event says of its concealed frames (`at`: their source frame indices)."""
+    if len(at) > 1500:
+        at = at[:at.rfind(",", 0, 1500)] + ", ..."
     return f"{count} source frame(s) could not be decoded and repeat a neighbour: frame(s) {at}"
 
 
@@ -354,7 +362,8 @@ def _start_progress(progress: Progress, plan: list[dict], manifest: Manifest) ->
     stitched = {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
     done = [r for r in rows if r["video_id"] in stitched
             or states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status == "done"]
-    failing = {k for k, s in states.items() if s.status == "failed"}
+    planned = {r["video_id"] for r in plan}  # (not the generations a replaced source superseded)
+    failing = {k for k, s in states.items() if s.status == "failed" and k[0] in planned}
     progress.start("restoring", total=sum(map(_own_frames, rows)), done=sum(map(_own_frames, done)), unit="frames",
                    detail="chunks {chunks_done}/{chunks_total}, {failures} failed",
                    chunks_done=len(done), chunks_total=len(rows), failures=len(failing))
@@ -416,6 +425,9 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
         if undecodable:
             held.check()
             manifest.append_events(undecodable)
+            for event in undecodable:  # its segments will never be stitched
+                with contextlib.suppress(OSError):
+                    storage.remove(storage.join(manifest.segments_root, event["video_id"]))
         if not jobs:
             return
         log(f"stitching {len(jobs)} video(s)")
@@ -423,9 +435,12 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
         events = []
         for vid, outcome in stitch_all(jobs, spec.storage_options, spec.resources.cpu_task_resources()):
             ok = isinstance(outcome, int)
+            kind, message = "stitch", outcome
+            if not ok and outcome.startswith("source: "):  # the source changed: not the stitch's failure
+                kind, message = "source", outcome.removeprefix("source: ")
             events.append({"video_id": vid, "chunk_index": -1, "status": "done" if ok else "failed",
-                           "attempt": failures[vid] + 1, "error_kind": None if ok else "stitch",
-                           "error_message": None if ok else outcome, "frames_out": outcome if ok else None,
+                           "attempt": failures[vid] + 1, "error_kind": None if ok else kind,
+                           "error_message": None if ok else message, "frames_out": outcome if ok else None,
                            "segment_uri": jobs[vid]["output_uri"] if ok else None, "finished_at": time.time()})
             if not ok:
                 log(f"stitching {jobs[vid]['output_uri']} failed: {outcome}")

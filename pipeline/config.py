@@ -75,8 +75,8 @@ class JobSpec(Frozen):
     models: str | None = None  # a folder `reelmend train --out` wrote; None = the shipped weights
     chunk_frames: int | None = Field(None, ge=2, le=100_000)  # None: about 2 s of frames per chunk
     max_attempts: int = Field(3, ge=1, le=100)
-    # Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the nearest decoded frame
-    # of their chunk instead of failing the video; a video with more than half its frames concealed still fails.
+    # Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame before them
+    # in their chunk instead of failing the video; a video with more than half its frames concealed still fails.
     conceal_damage: bool = False
     encode: EncodeSpec = EncodeSpec()
     resources: ResourceSpec = ResourceSpec()

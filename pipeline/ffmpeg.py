@@ -127,6 +127,23 @@ def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes
         stdout_into: np.ndarray | None = None) -> bytes:
     """Run a command. `stdin` is written by a thread; stdout is returned as bytes, or read straight into
     `stdout_into` (exactly filling it; fewer bytes is an error). Raises FFmpegError on failure or timeout."""
+    ran = execute(args, timeout=timeout, what=what, stdin=stdin, stdout_into=stdout_into)
+    if stdout_into is not None and ran.got != stdout_into.nbytes:
+        raise FFmpegError(what, short_detail(ran, stdout_into))
+    return ran.out
+
+
+@dataclass(frozen=True)
+class Ran:
+    out: bytes  # stdout, unless it was read into an array
+    got: int  # bytes read into the array (-1: none given)
+    stderr: bytes  # its last lines
+
+
+def execute(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,
+            stdout_into: np.ndarray | None = None) -> Ran:
+    """`run`, except that stdout read into `stdout_into` may fall short: the caller judges (`Ran.got`). Raises
+    FFmpegError on a non-zero exit or a timeout."""
     proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err_tail: deque[bytes] = deque(maxlen=64)
@@ -158,12 +175,14 @@ def run(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes
         if timed_out.is_set():
             raise FFmpegError(what, f"timed out after {timeout:.0f} s")
         raise FFmpegError(what, _last_lines(stderr))
-    if stdout_into is not None and got != stdout_into.nbytes:
-        why = _last_lines(stderr) if stderr else "stream ended early"
-        if stdout_into.ndim == 4 and len(stdout_into):  # frames: a count says more than bytes
-            raise FFmpegError(what, f"produced {got // stdout_into[0].nbytes} of {len(stdout_into)} frames ({why})")
-        raise FFmpegError(what, f"produced {got} of {stdout_into.nbytes} expected bytes ({why})")
-    return out
+    return Ran(out, got, stderr)
+
+
+def short_detail(ran: Ran, into: np.ndarray) -> str:
+    why = _last_lines(ran.stderr) if ran.stderr else "stream ended early"
+    if into.ndim == 4 and len(into):  # frames: a count says more than bytes
+        return f"produced {ran.got // into[0].nbytes} of {len(into)} frames ({why})"
+    return f"produced {ran.got} of {into.nbytes} expected bytes ({why})"
 
 
 def _feed(proc: subprocess.Popen, data: memoryview | bytes) -> None:
@@ -428,46 +447,51 @@ def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: i
     return _Decode(args, output, cut, window, n_frames, frames_before, dtype)
 
 
-SHORT_DECODE = re.compile(r"produced (\d+) of (\d+) frames")
+# What FFmpeg logs when reading stopped for a reason other than the file's content (a connection, a disk, an
+# expired URL): a chunk cut short by these is retried, never concealed.
+IO_TROUBLE = re.compile(r"input/output error|i/o error|http error|server returned|connection (?:reset|refused|timed "
+                        r"out)|error during demuxing", re.IGNORECASE)
 
 
 def decode_frames_concealing(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int,
                              height: int, high_depth: bool, matrix: str,
                              full_range: bool | None) -> tuple[np.ndarray, list[int]]:
     """`decode_frames`, except that frames the decoder cannot produce (packets it rejects, a GOP whose keyframe
-    is gone) are concealed: each repeats the nearest decoded frame of the chunk before it (else after it), or is
-    black where no frame of the chunk decodes. Returns the frames and the indices of the concealed ones.
+    is gone) are concealed: each repeats the decoded frame before it (the first decoded one, for those before
+    that), or is black where no frame of the chunk decodes. Returns the frames and the indices of the
+    concealed ones.
 
     Each decoded frame is put where its timestamp says, among the times the packets give the chunk's frames
     (`Window.times`), so no frame moves. Where the stream gives no such times (no timestamps, AVI's frame
-    counting) a short chunk fails as in `decode_frames`, with the reason it could not be concealed."""
+    counting) a short chunk fails as in `decode_frames`, with the reason it could not be concealed; so does one
+    whose reading stopped for another reason than its content (`IO_TROUBLE`: it is retried)."""
     cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range)
     # FFmpeg fails a run in which more than 2/3 of the frames had decoding errors; here the count decides
     args = [*cmd.args[:1], "-max_error_rate", "1", *cmd.args[1:]]
+    what = f"decoding {n_frames} frames failed"
     frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
-    try:
-        run([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames,
-            timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
+    ran = execute([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames,
+                  timeout=cmd.timeout(width * height), what=what)
+    if ran.got == frames.nbytes:
         return frames, []
-    except FFmpegError as err:
-        if not SHORT_DECODE.search(err.detail):
-            raise
-        short = err
-    del frames
     times = cmd.window.times if cmd.window is not None else ()
+    if IO_TROUBLE.search(ran.stderr.decode(errors="replace")):
+        raise FFmpegError(what, short_detail(ran, frames))
     if not times:
-        raise FFmpegError(short.what, f"{short.detail}; it cannot be concealed: the stream gives no frame times to "
-                                      "place the decoded frames by")
+        raise FFmpegError(what, f"{short_detail(ran, frames)}; it cannot be concealed: the stream gives no frame "
+                                "times to place the decoded frames by")
     with tempfile.TemporaryDirectory(prefix="reelmend-conceal-") as tmp:
         crc = os.path.join(tmp, "frames.crc")
-        # a second output of the same decode: every kept frame's timestamp, in microseconds
-        raw = run([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1",
-                   "-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
-                   "-vf", cmd.cut.rstrip(",") or "null", "-enc_time_base", "1:1000000", "-f", "framecrc", crc],
-                  timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
+        # again, with a second output of the same decode: every kept frame's timestamp, in microseconds
+        ran = execute([*args, *cmd.output_args, "-f", "rawvideo", "pipe:1",
+                       "-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+                       "-vf", cmd.cut.rstrip(",") or "null", "-enc_time_base", "1:1000000", "-f", "framecrc", crc],
+                      stdout_into=frames, timeout=cmd.timeout(width * height), what=what)
         stamps = _framecrc_times(Path(crc).read_text())
-    got = np.frombuffer(raw, dtype=cmd.dtype)[: len(stamps) * height * width * 3].reshape(-1, height, width, 3)
-    return conceal(got, stamps[: len(got)], list(times), n_frames)
+    if IO_TROUBLE.search(ran.stderr.decode(errors="replace")):
+        raise FFmpegError(what, short_detail(ran, frames))
+    decoded = min(ran.got // frames[0].nbytes, len(stamps))
+    return frames, conceal(frames, decoded, stamps[:decoded], list(times))
 
 
 def _framecrc_times(text: str) -> list[float]:
@@ -483,33 +507,40 @@ def _framecrc_times(text: str) -> list[float]:
     return out
 
 
-def conceal(got: np.ndarray, stamps: list[float], times: list[float], n: int) -> tuple[np.ndarray, list[int]]:
-    """Place the decoded frames `got` (presentation times `stamps`) at the chunk's frame times `times` (sorted;
-    extended at the last spacing when the packets ended early), then fill each empty place from the nearest
-    decoded frame before it, else after it, else black. Returns the n frames and the indices of the filled
-    places."""
+def conceal(frames: np.ndarray, decoded: int, stamps: list[float], times: list[float]) -> list[int]:
+    """In place: `frames` holds the chunk's n places, its first `decoded` the frames the decoder produced (at
+    presentation times `stamps`, increasing). Put each at its place among the chunk's frame times `times`
+    (sorted; extended at the last spacing when the packets ended early), then fill every empty place from the
+    decoded frame before it (the first decoded one, before that), or black where none decoded. Returns the
+    filled places. In place: a chunk's frames are its decode task's memory; a second copy would double it."""
+    n = len(frames)
     if len(times) < n:
         step = times[-1] - times[-2] if len(times) > 1 else 1 / 25
         times = times + [times[-1] + step * (k + 1) for k in range(n - len(times))]
     times = times[:n]
-    source = [-1] * n  # the decoded frame each place shows
-    for i, t in enumerate(stamps):
+    place = [-1] * n  # the decoded frame (its index after compaction) each place shows
+    kept = 0
+    for i, t in enumerate(stamps[:decoded]):
         k = bisect.bisect_left(times, t)
         j = min((c for c in (k - 1, k) if 0 <= c < n), key=lambda c: abs(times[c] - t))
         spacing = min([abs(times[j] - times[c]) for c in (j - 1, j + 1) if 0 <= c < n] or [1.0])
-        if abs(times[j] - t) < spacing / 2 and source[j] < 0:
-            source[j] = i
-    missing = [j for j in range(n) if source[j] < 0]
-    last = next((i for i in source if i >= 0), -1)  # the places before the first decoded frame take it
-    for j in range(n):  # the others the nearest decoded frame before them
-        if source[j] < 0:
-            source[j] = last
-        last = source[j]
-    frames = np.zeros((n, *got.shape[1:]), dtype=got.dtype)  # black where nothing decoded
-    for j, i in enumerate(source):
-        if i >= 0:
-            frames[j] = got[i]
-    return frames, missing
+        if abs(times[j] - t) < spacing / 2 and place[j] < 0 and (kept == 0 or j > max_j):
+            frames[kept] = frames[i]  # compact: kept <= i, so nothing unread is overwritten
+            place[j], kept, max_j = kept, kept + 1, j
+    missing = [j for j in range(n) if place[j] < 0]
+    last = 0  # places before the first decoded frame take it
+    for j in range(n):  # the others the decoded frame before them
+        if place[j] < 0:
+            place[j] = last if kept else -1
+        last = place[j]
+    # Each place shows a compacted frame at or before it (the c-th kept frame sits at a place >= c): filling from
+    # the end never overwrites a frame still to be read.
+    for j in reversed(range(n)):
+        if place[j] < 0:
+            frames[j] = 0
+        elif place[j] != j:
+            frames[j] = frames[place[j]]
+    return missing
 
 
 # -- encode -------------------------------------------------------------------------------------------------

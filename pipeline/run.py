@@ -242,6 +242,8 @@ def _stitch_task(storage_options: dict, **kwargs) -> int | str:
     storage.configure(storage_options)
     try:
         return stitch_video(**kwargs)
+    except storage.SourceChanged as err:
+        return f"source: {err}"
     except Exception as err:  # noqa: BLE001 - recorded in the manifest as this video's failure
         return " ".join(str(err).split()) or type(err).__name__
 

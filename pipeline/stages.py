@@ -82,6 +82,8 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
                 full_range=info.full_range)
         if conceal:
             frames, missing = frames
+            if missing:  # frames missing because the file changed as it was read are not damage
+                storage.check_version(row["source_uri"], row.get("source_version") or "")
             own = [int(row["decode_start"]) + j for j in missing
                    if row["frame_start"] <= int(row["decode_start"]) + j < row["frame_end"]]
             row = {**row, "frames_concealed": len(own), "concealed_at": ", ".join(map(str, own))}

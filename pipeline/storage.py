@@ -138,7 +138,7 @@ def list_files(src: str) -> list[Listed]:
     protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
     local = not protocol or protocol == "file://"
     if fs.isfile(root):
-        return [Listed(src, posixpath.basename(root), version_of(fs.info(root)))]
+        return [Listed(src, posixpath.basename(root), _version(fs, root, fs.info(root)))]
     out = []
     prefix = root.rstrip("/") + "/"
     for path, info in sorted(fs.find(root, detail=True).items()):
@@ -147,13 +147,23 @@ def list_files(src: str) -> list[Listed]:
         rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
         if rel.split("/", 1)[0] == JOB_AREA:
             continue
-        out.append(Listed(path if local else f"{protocol}{path}", rel, version_of(info)))
+        out.append(Listed(path if local else f"{protocol}{path}", rel, _version(fs, path, info)))
     return out
+
+
+def _version(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
+    """`version_of` the listed file; on a local disk, of what it links to (a listing describes a symlink itself,
+    which is not what FFmpeg reads)."""
+    if isinstance(fs, LocalFileSystem):
+        st = os.stat(path)  # follows links
+        return version_of({"size": st.st_size, "mtime": st.st_mtime})
+    return version_of(info)
 
 
 # The field of a listing that changes whenever a file's content does, by store: an object's ETag (S3, Azure),
 # its generation (GCS), a file's modification time (local disks, SFTP), when it was written (memory://).
-VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated", "created")
+# (GCS's generation before its etag, which also changes when only metadata does)
+VERSION_FIELDS = ("ETag", "generation", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
 def version_of(info: dict) -> str:
@@ -181,7 +191,7 @@ def check_version(uri: str, version: str) -> None:
     fs, path = fs_and_path(uri)
     fs.invalidate_cache(path)
     try:
-        now = version_of(fs.info(path))
+        now = _version(fs, path, fs.info(path))
     except FileNotFoundError:
         raise SourceChanged("the source is gone since the job planned it") from None
     if now != version:

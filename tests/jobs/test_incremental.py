@@ -104,3 +104,15 @@ def test_the_listed_version_tells_a_replaced_object_from_the_same_one(where, s3)
     fs.rm(f"{root}/raw/a.mp4")
     with pytest.raises(storage.SourceChanged, match="gone"):
         storage.check_version(listed.uri, listed.version)
+
+
+def test_a_symlinked_source_is_the_file_it_links_to(tmp_path, ray_address):
+    """A listing describes a symlink itself; FFmpeg reads what it links to: the version is the target's."""
+    src, dest = tmp_path / "in", tmp_path / "out"
+    target = make_clip(tmp_path / "store" / "film.mkv", frames=20, extra=("-c:v", "ffv1"))
+    src.mkdir()
+    (src / "film.mkv").symlink_to(target)
+    assert cli("restore", str(src), str(dest), *ARGS).exit_code == 0
+    assert np.array_equal(decode(dest / "film.mkv"), decode(target))
+    before = runs(dest)
+    assert cli("restore", str(src), str(dest), *ARGS).exit_code == 0 and runs(dest) == before  # not "replaced"

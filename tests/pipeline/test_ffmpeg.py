@@ -92,13 +92,19 @@ def test_a_variable_rate_segment_keeps_every_frame_time():
 def test_concealing_places_frames_by_time_and_fills_from_the_nearest_decoded_one():
     from pipeline.ffmpeg import conceal
 
-    got = np.arange(1, 5, dtype=np.uint8).reshape(4, 1, 1, 1)  # four decoded frames, pictures 1..4
+    def chunk(n: int, decoded: list[int]) -> np.ndarray:  # n places, the decoded pictures first
+        frames = np.full((n, 1, 1, 1), 99, dtype=np.uint8)
+        frames[:len(decoded), 0, 0, 0] = decoded
+        return frames
+
     times = [0.0, 0.04, 0.08, 0.12, 0.16, 0.20]
-    # decoded: the frames at 0.08, 0.12, 0.20 and one with a time no frame has (dropped, not squeezed in)
-    frames, missing = conceal(got, [0.08, 0.12, 0.2, 0.5], times, 6)
-    assert frames.ravel().tolist() == [1, 1, 1, 2, 2, 3] and missing == [0, 1, 4]
+    # decoded: a frame halfway between two places (dropped, not squeezed in), then those at 0.08, 0.12 and 0.20
+    frames = chunk(6, [7, 1, 2, 3])
+    assert conceal(frames, 4, [0.02, 0.08, 0.12, 0.2], times) == [0, 1, 4]
+    assert frames.ravel().tolist() == [1, 1, 1, 2, 2, 3]
     # the packets ended before the chunk did: the places go on at the last spacing
-    frames, missing = conceal(got[:2], [0.0, 0.04], times[:2], 4)
-    assert frames.ravel().tolist() == [1, 2, 2, 2] and missing == [2, 3]
-    frames, missing = conceal(got[:0], [], times, 3)  # nothing decoded: black
-    assert not frames.any() and missing == [0, 1, 2]
+    frames = chunk(4, [1, 2])
+    assert conceal(frames, 2, [0.0, 0.04], times[:2]) == [2, 3]
+    assert frames.ravel().tolist() == [1, 2, 2, 2]
+    frames = chunk(3, [])
+    assert conceal(frames, 0, [], times) == [0, 1, 2] and not frames.any()  # nothing decoded: black
