@@ -165,6 +165,12 @@ def restore(
     lossless: Annotated[bool, typer.Option(help="Encode FFV1 in RGB, bit-exact to the chain (evaluation).")] = False,
     crf: Annotated[int, typer.Option(help="Constant rate factor of the lossy encoder.")] = 18,
     codec: Annotated[str, typer.Option(help="h264, h265 or av1.")] = "h264",
+    include: Annotated[Optional[list[str]], typer.Option(
+        help="Only files whose path below SRC matches this glob (repeatable; '*' crosses folders, case ignored), "
+             "e.g. --include '*.mov' --include '*.mp4'.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Skip files whose path below SRC matches this glob (repeatable), e.g. --exclude '*.json' "
+             "--exclude 'thumbnails/*'.")] = None,
     conceal_damage: Annotated[bool, typer.Option(
         help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame "
              "before them, and status names them, instead of failing the video (which still fails when more than half "
@@ -199,7 +205,7 @@ def restore(
                                  encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       conceal_damage=conceal_damage,
+                       conceal_damage=conceal_damage, include=tuple(include or ()), exclude=tuple(exclude or ()),
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)
         return run_job(spec, address=address, progress=progress)

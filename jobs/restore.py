@@ -141,12 +141,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     files = None
     if not manifest.has_plan():  # a new job: a wrong SRC or DEST fails here, before anything is written to DEST
         spec.check_apart()
-        files = storage.list_files(spec.src)
-        if not files:
-            raise FileNotFoundError(f"no files under {spec.src}")
+        files = _inputs(spec)
     elif relist:  # a planned job run again by `restore`: what SRC gained or replaced since is planned too
         try:
-            files = storage.list_files(spec.src)
+            files = [f for f in storage.list_files(spec.src) if spec.selects(f.rel)]
         except FileNotFoundError:
             progress.log(f"{spec.src} does not exist (any more): nothing new to plan; finishing what is planned")
     connect(address)
@@ -166,6 +164,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
             progress.stop()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _inputs(spec: JobSpec) -> list[storage.Listed]:
+    """The files under SRC that the job takes (FileNotFoundError: none)."""
+    files = storage.list_files(spec.src)
+    if not files:
+        raise FileNotFoundError(f"no files under {spec.src}")
+    chosen = [f for f in files if spec.selects(f.rel)]
+    if not chosen:
+        raise FileNotFoundError(f"none of the {len(files)} file(s) under {spec.src} matches --include "
+                                f"{' '.join(spec.include) or '(all)'} without matching --exclude "
+                                f"{' '.join(spec.exclude) or '(none)'}")
+    return chosen
 
 
 def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress, relist: bool) -> JobResult:
@@ -254,7 +265,7 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
             plan_changes(spec, job_id, manifest, files, log, check=held.check)
     else:
         if files is None:  # the plan another run was making when this one looked is gone (that run failed)
-            files = storage.list_files(spec.src)
+            files = _inputs(spec)
         make_plan(spec, job_id, manifest, files, log, check=held.check)
     plan = manifest.read_plan().to_pylist()
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)

@@ -6,6 +6,7 @@ options) changes exactly when the output would.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -78,6 +79,11 @@ class JobSpec(Frozen):
     # Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame before them
     # in their chunk instead of failing the video; a video with more than half its frames concealed still fails.
     conceal_damage: bool = False
+    # Which files under SRC are inputs: shell globs over the path below SRC ("*" crosses folders, as in
+    # `aws s3 cp --exclude`), matched without regard to case (cameras write .MOV, people type .mov). A file is
+    # an input when it matches an `include` (none given: every file) and no `exclude`.
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     encode: EncodeSpec = EncodeSpec()
     resources: ResourceSpec = ResourceSpec()
     job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -143,10 +149,17 @@ class JobSpec(Frozen):
         return f"job-{digest[:12]}"
 
     def shaping(self) -> dict[str, Any]:
-        """What shapes the outputs: a job is these. (conceal_damage only when set, so the ids of jobs made before
-        it existed stay the same.)"""
+        """What shapes the outputs: a job is these. (The options added since the first jobs only when set, so the
+        ids of jobs made before them stay the same.)"""
         shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
-        return {**shaping, "conceal_damage": True} if self.conceal_damage else shaping
+        added = self.model_dump(include={"conceal_damage", "include", "exclude"}, exclude_defaults=True)
+        return {**shaping, **added}
+
+    def selects(self, rel_path: str) -> bool:
+        """Whether the file at `rel_path` below SRC is one of the job's inputs (`include`, `exclude`)."""
+        path = rel_path.lower()
+        return ((not self.include or any(fnmatch.fnmatchcase(path, g.lower()) for g in self.include))
+                and not any(fnmatch.fnmatchcase(path, g.lower()) for g in self.exclude))
 
 
 def _comparable(uri: str) -> tuple[str, str]:

@@ -248,3 +248,32 @@ def test_rgb_source_restores_lossless_and_encoded(tmp_path, ray_address):
     # as a plain `ffmpeg -c:v libx264 -pix_fmt yuv420p` gets too), so compare luma, which a wrong matrix would shift.
     luma = np.array([0.2126, 0.7152, 0.0722])
     assert psnr(decode(tmp_path / "h264" / "rgb.mkv") @ luma, decode(src) @ luma) > 35
+
+
+def test_include_and_exclude_pick_the_inputs_and_make_their_own_job(tmp_path, ray_address):
+    """A bucket holds sidecars and thumbnails beside its videos: they are left out, not failed."""
+    src = tmp_path / "in"
+    make_clip(src / "reel 1.MOV", frames=12, extra=("-c:v", "ffv1"))
+    make_clip(src / "day 2" / "reel 2.mp4", frames=12, extra=("-c:v", "libx264"))
+    make_clip(src / "thumbnails" / "reel 1.mp4", frames=1, extra=("-c:v", "libx264"))
+    (src / "reel 1.json").write_text('{"shelf": "B7"}')
+    args = ("--chain", "identity", "--lossless")
+
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), *args, "--exclude", "*.json", "--exclude", "thumbnails/*")
+    assert result.exit_code == 0, result.output
+    videos = json.loads(cli("status", str(dest), "--json").output)["videos"]
+    assert sorted(v["path"] for v in videos) == ["day 2/reel 2.mp4", "reel 1.MOV"]
+    assert (dest / "reel 1.mkv").is_file() and not (dest / "thumbnails").exists()
+
+    only_mov = tmp_path / "mov"
+    assert cli("restore", str(src), str(only_mov), *args, "--include", "*.mov").exit_code == 0  # case ignored
+    assert [v["path"] for v in json.loads(cli("status", str(only_mov), "--json").output)["videos"]] == ["reel 1.MOV"]
+
+    # the selection is part of the job: another one over the same DEST is another job, not a resume of this one
+    again = cli("restore", str(src), str(only_mov), *args, "--include", "*.mov", "--include", "*.mp4")
+    assert again.exit_code == 0, again.output
+    assert len(list((only_mov / "_reelmend").iterdir())) == 2 and (only_mov / "thumbnails" / "reel 1.mkv").is_file()
+
+    nothing = cli("restore", str(src), str(tmp_path / "none"), *args, "--include", "*.avi")
+    assert nothing.exit_code == 2 and "none of the 4 file(s)" in nothing.output
