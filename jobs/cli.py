@@ -123,6 +123,9 @@ def _progress(quiet: bool, jsonl: bool):
 
 def _report(result, progress) -> None:
     fps = result.frames_in / result.seconds if result.seconds else 0.0
+    if result.planned is not None:
+        _report_plan(result, progress)
+        return
     if progress.mode == "jsonl":
         for v in result.videos:
             progress.event("video", path=v.rel_path, status=v.status, output=v.output_uri, reason=v.reason,
@@ -154,6 +157,28 @@ def _report(result, progress) -> None:
               soft_wrap=True)
 
 
+def _report_plan(result, progress) -> None:
+    """--plan-only: the inputs that cannot be restored, and what the plan holds."""
+    p = result.planned
+    if progress.mode == "jsonl":
+        for v in result.videos:
+            progress.event("video", path=v.rel_path, status=v.status, output=v.output_uri, reason=v.reason)
+        progress.event("plan", job_id=result.job_id, manifest=result.manifest_uri, exit_code=result.exit_code, **p)
+        return
+    for v in result.videos:
+        if v.status == "failed":
+            console.print(f"[red]cannot restore[/]  {escape(v.rel_path)}: {escape(v.reason)}", soft_wrap=True)
+    if progress.mode == "quiet":
+        return
+    hours, rest = divmod(round(p["seconds"]), 3600)
+    w, h = p["largest_output"]
+    out.print(f"job {escape(result.job_id)} planned: {p['videos']} video(s) to restore, {hours}:{rest // 60:02d}:"
+              f"{rest % 60:02d} of video ({p['frames']:,} source frames in {p['chunks']:,} chunks, "
+              f"{p['output_frames']:,} output frames, the largest {w}x{h}); {p['cannot_restore']} input(s) cannot be "
+              f"restored. Nothing was restored: run the same command without --plan-only to restore (it uses this "
+              f"plan). Manifest: {escape(result.manifest_uri)}", soft_wrap=True)
+
+
 @app.command()
 def restore(
     src: Annotated[str, typer.Argument(help="Folder or bucket of videos (local path, file://, s3://, ...).")],
@@ -171,6 +196,9 @@ def restore(
     exclude: Annotated[Optional[list[str]], typer.Option(
         help="Skip files whose path below SRC matches this glob (repeatable), e.g. --exclude '*.json' "
              "--exclude 'thumbnails/*'.")] = None,
+    plan_only: Annotated[bool, typer.Option(
+        help="Probe the inputs and write the job's plan, show what it holds (videos, hours, chunks, the inputs "
+             "that cannot be restored), and stop: nothing is restored until the same command runs without it.")] = False,
     conceal_damage: Annotated[bool, typer.Option(
         help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame "
              "before them, and status names them, instead of failing the video (which still fails when more than half "
@@ -208,7 +236,7 @@ def restore(
                        conceal_damage=conceal_damage, include=tuple(include or ()), exclude=tuple(exclude or ()),
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)
-        return run_job(spec, address=address, progress=progress)
+        return run_job(spec, address=address, progress=progress, plan_only=plan_only)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)
     result = _guarded(go, verbose, progress)

@@ -54,9 +54,12 @@ class JobResult:
     chunks_run: int = 0
     frames_in: int = 0
     seconds: float = 0.0
+    planned: dict | None = None  # --plan-only: what the plan holds (`plan_summary`); nothing was run
 
     @property
     def exit_code(self) -> int:
+        if self.planned is not None:  # planned: only inputs that cannot be restored count as failures
+            return 3 if any(v.status == "failed" for v in self.videos) else 0
         return 0 if all(v.status == "done" for v in self.videos) else 3
 
 
@@ -126,13 +129,14 @@ def plan_changes(spec: JobSpec, job_id: str, manifest: Manifest, files: list[sto
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], None] = print,
-            progress: Progress | None = None, relist: bool = True) -> JobResult:
+            progress: Progress | None = None, relist: bool = True, plan_only: bool = False) -> JobResult:
     """Run (or resume) the job; `progress` shows it live (default: `log` lines with a count every 10 s).
-    `relist`: a planned job also plans what SRC gained or replaced since (`restore`; `resume` does not)."""
+    `relist`: a planned job also plans what SRC gained or replaced since (`restore`; `resume` does not).
+    `plan_only`: plan (probe every new input, write the plan) and stop before any chunk runs."""
     started = time.monotonic()
     progress = progress or Progress("plain", log=log)
     if address and address.startswith("ray://"):
-        return _run_job_on_cluster(spec, address, progress, relist)
+        return _run_job_on_cluster(spec, address, progress, relist, plan_only)
     storage.configure(spec.storage_options)
     # a missing or bad checkpoint fails before any work starts (a bucket's transient errors are retried)
     storage.retrying(check_weights)(spec.chain, spec.models)
@@ -154,7 +158,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
         try:
             spec = _agree_with_stored(spec, manifest)
             try:
-                result = _run_job(spec, job_id, manifest, progress, held, files)
+                result = _run_job(spec, job_id, manifest, progress, held, files, plan_only)
             except (lease.LeaseLost, KeyboardInterrupt):
                 raise
             except Exception as err:  # whatever it is, it is no longer a problem of the command line
@@ -179,7 +183,8 @@ def _inputs(spec: JobSpec) -> list[storage.Listed]:
     return chosen
 
 
-def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress, relist: bool) -> JobResult:
+def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress, relist: bool,
+                        plan_only: bool) -> JobResult:
     """Ray Client (`--address ray://head:10001`, from a machine outside the cluster): Ray Data cannot drive a
     job through the client, so the job's driver runs on the cluster's head node as a task, and its progress
     comes back here through a queue. Paths are the cluster's: SRC and DEST are buckets, or shared folders.
@@ -188,7 +193,7 @@ def _run_job_on_cluster(spec: JobSpec, address: str, progress: Progress, relist:
 
     connect(address)
     calls = Queue()
-    ref = _drive_on_cluster.options(resources={"node:__internal_head__": 0.001}).remote(spec, calls, relist)
+    ref = _drive_on_cluster.options(resources={"node:__internal_head__": 0.001}).remote(spec, calls, relist, plan_only)
     try:
         while True:
             done, _ = ray.wait([ref], timeout=0.5)
@@ -235,9 +240,9 @@ class _Relay(Progress):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _drive_on_cluster(spec: JobSpec, calls, relist: bool) -> JobResult:
+def _drive_on_cluster(spec: JobSpec, calls, relist: bool, plan_only: bool) -> JobResult:
     # (already connected: the cluster it runs on)
-    return run_job(spec, address="auto", progress=_Relay(calls), relist=relist)
+    return run_job(spec, address="auto", progress=_Relay(calls), relist=relist, plan_only=plan_only)
 
 
 def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
@@ -256,8 +261,8 @@ def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
     return spec
 
 
-def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
-             progress: Progress, held: lease.Lease, files: list[tuple[str, str]] | None) -> JobResult:
+def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress, held: lease.Lease,
+             files: list[storage.Listed] | None, plan_only: bool = False) -> JobResult:
     log = progress.log
     if manifest.has_plan():
         log(f"resuming job {job_id}")
@@ -268,14 +273,36 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest,
             files = _inputs(spec)
         make_plan(spec, job_id, manifest, files, log, check=held.check)
     plan = manifest.read_plan().to_pylist()
-    storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result = JobResult(job_id, manifest.root)
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
+    if plan_only:
+        result.videos = summarize(manifest, plan, spec.max_attempts)
+        result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal)
+        return result
+    storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, progress, held)
     held.check()
     _stitch_ready(spec, manifest, plan, temporal, log, held)
     result.videos = summarize(manifest, plan, spec.max_attempts)
     return result
+
+
+def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int) -> dict:
+    """What is left to do in a plan: videos, chunks, source frames and seconds, the largest output frame."""
+    stitched = {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
+    todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in stitched
+            and states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status != "done"]
+    videos = {r["video_id"]: r for r in todo}
+    return {
+        "videos": len(videos),
+        "chunks": len(todo),
+        "frames": sum(map(_own_frames, todo)),
+        "seconds": round(sum(_own_frames(r) * r["fps_den"] / r["fps_num"] for r in todo), 3),
+        "output_frames": sum(map(_own_frames, todo)) * temporal,
+        "largest_output": max(((r["width"] * scale, r["height"] * scale) for r in videos.values()),
+                              key=lambda wh: wh[0] * wh[1], default=(0, 0)),
+        "cannot_restore": sum(1 for r in plan if r["chunk_index"] < 0),
+    }
 
 
 def _runnable(plan: list[dict], manifest: Manifest, max_attempts: int) -> list[dict]:

@@ -116,3 +116,27 @@ def test_a_symlinked_source_is_the_file_it_links_to(tmp_path, ray_address):
     assert np.array_equal(decode(dest / "film.mkv"), decode(target))
     before = runs(dest)
     assert cli("restore", str(src), str(dest), *ARGS).exit_code == 0 and runs(dest) == before  # not "replaced"
+
+
+def test_plan_only_probes_and_plans_then_the_same_command_restores_with_that_plan(tmp_path, ray_address):
+    src, dest = tmp_path / "in", tmp_path / "out"
+    make_clip(src / "a.mkv", frames=40, extra=("-c:v", "ffv1"))
+    make_clip(src / "b.mkv", frames=25, extra=("-c:v", "ffv1"))
+    (src / "c.mp4").write_bytes(b"")
+    planned = cli("restore", str(src), str(dest), *ARGS, "--plan-only")
+    assert planned.exit_code == 3, planned.output  # an input cannot be restored; nothing else failed
+    text = " ".join(planned.output.split())
+    assert "probing 3 file(s)" in text
+    assert "cannot restore c.mp4: the file is empty" in text
+    assert "2 video(s) to restore, 0:00:03 of video (65 source frames in 7 chunks" in text
+    assert "1 input(s) cannot be restored. Nothing was restored" in text
+    assert sorted(p.name for p in dest.iterdir()) == ["_reelmend"]  # no output, no chunk run
+    assert runs(dest) == []
+    assert {v["path"]: v["status"] for v in status(dest).values()} == {"a.mkv": "pending", "b.mkv": "pending",
+                                                                        "c.mp4": "failed"}
+
+    result = cli("restore", str(src), str(dest), *ARGS)
+    assert result.exit_code == 3 and "probing" not in result.output  # the plan made above, not a second probe
+    assert np.array_equal(decode(dest / "a.mkv"), decode(src / "a.mkv"))
+    again = cli("restore", str(src), str(dest), *ARGS, "--plan-only")
+    assert "0 video(s) to restore" in " ".join(again.output.split())
