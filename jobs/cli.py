@@ -199,6 +199,9 @@ def restore(
     plan_only: Annotated[bool, typer.Option(
         help="Probe the inputs and write the job's plan, show what it holds (videos, hours, chunks, the inputs "
              "that cannot be restored), and stop: nothing is restored until the same command runs without it.")] = False,
+    deinterlace: Annotated[bool, typer.Option(
+        help="Make interlaced sources (as the probe finds them) progressive before the chain (bwdif, one frame "
+             "per frame), so the models see whole frames, not woven fields; progressive ones are untouched.")] = False,
     conceal_damage: Annotated[bool, typer.Option(
         help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame "
              "before them, and status names them, instead of failing the video (which still fails when more than half "
@@ -233,7 +236,7 @@ def restore(
                                  encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       conceal_damage=conceal_damage, include=tuple(include or ()), exclude=tuple(exclude or ()),
+                       conceal_damage=conceal_damage, deinterlace=deinterlace, include=tuple(include or ()), exclude=tuple(exclude or ()),
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)
         return run_job(spec, address=address, progress=progress, plan_only=plan_only)

@@ -459,7 +459,8 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                          # a variable-rate video's segments each last exactly their chunk's span of the source
                          "durations": ([json.loads(r["chunk_times"])[-1] for r in rows]
                                        if all(r.get("chunk_times") for r in rows) else None),
-                         "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root}
+                         "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root,
+                         "deinterlaced": spec.deinterlace}
         if undecodable:
             held.check()
             manifest.append_events(undecodable)

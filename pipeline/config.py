@@ -79,6 +79,10 @@ class JobSpec(Frozen):
     # Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame before them
     # in their chunk instead of failing the video; a video with more than half its frames concealed still fails.
     conceal_damage: bool = False
+    # Interlaced sources (by the probe's field order) are deinterlaced as they are decoded, before the chain: models
+    # see whole progressive frames, not two fields woven (combing, which super-resolution would enlarge). Off:
+    # interlaced frames are restored woven, as stored, and the output keeps their field order.
+    deinterlace: bool = False
     # Which files under SRC are inputs: shell globs over the path below SRC ("*" crosses folders, as in
     # `aws s3 cp --exclude`), matched without regard to case (cameras write .MOV, people type .mov). A file is
     # an input when it matches an `include` (none given: every file) and no `exclude`.
@@ -152,7 +156,8 @@ class JobSpec(Frozen):
         """What shapes the outputs: a job is these. (The options added since the first jobs only when set, so the
         ids of jobs made before them stay the same.)"""
         shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
-        added = self.model_dump(include={"conceal_damage", "include", "exclude"}, exclude_defaults=True)
+        added = self.model_dump(include={"conceal_damage", "deinterlace", "include", "exclude"},
+                                 exclude_defaults=True)
         return {**shaping, **added}
 
     def selects(self, rel_path: str) -> bool:

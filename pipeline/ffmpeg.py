@@ -376,7 +376,7 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
 
 
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
-                  high_depth: bool, matrix: str, full_range: bool | None) -> np.ndarray:
+                  high_depth: bool, matrix: str, full_range: bool | None, deinterlace: str | None = None) -> np.ndarray:
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
     and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by count).
@@ -384,8 +384,13 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     its place (`decode_frames_concealing` puts one there, knowingly).
 
     The frames keep their stored orientation (-noautorotate: rotation is metadata we copy at the stitch) and
-    their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate)."""
-    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range)
+    their timing is ignored (-fps_mode passthrough: no frame is duplicated or dropped to fit a rate).
+
+    `deinterlace` ("tff" or "bff", the field order): each woven frame becomes a progressive one (`bwdif`, one
+    frame out per frame in), from its own fields and its neighbours'. The first and last frames decoded have
+    one neighbour only: a caller that wants frames as a whole-video deinterlace gives them decodes one frame
+    more on each side and drops it (`stages.decode_chunk`)."""
+    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range, deinterlace)
     frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
     run([*cmd.args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames, timeout=cmd.timeout(width * height),
         what=f"decoding {n_frames} frames failed")
@@ -396,7 +401,7 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
 class _Decode:
     args: list[str]  # FFmpeg up to the output's options
     output_args: list[str]  # the output's options but its format and name
-    cut: str  # the filters that drop the frames outside the chunk ("" or ending with ",")
+    cut: str  # the filters that drop the frames outside the chunk, and deinterlace ("" or ending with ",")
     window: Window | None
     n_frames: int
     frames_before: int  # frames decoded before the chunk's first (for the timeout)
@@ -407,7 +412,7 @@ class _Decode:
 
 
 def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: int, high_depth: bool, matrix: str,
-                    full_range: bool | None) -> _Decode:
+                    full_range: bool | None, deinterlace: str | None = None) -> _Decode:
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
     seek = seek if seek is not None and seek > 0 else 0.0
@@ -441,6 +446,10 @@ def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: i
         # at 240 fps at most
         lead = seek - (window.seek or 0.0) if window.copyts else window.start
         frames_before = int(max(0.0, lead) * 240)
+    if deinterlace:
+        # Bob Weaver (FFmpeg's best deinterlacer), every frame (the probe says the stream is interlaced; frames are
+        # not always flagged), in the field order the probe found.
+        cut += f"bwdif=mode=send_frame:parity={deinterlace}:deint=all,"
     output = ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
               "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
               "-pix_fmt", pix_fmt]
@@ -454,8 +463,8 @@ IO_TROUBLE = re.compile(r"input/output error|i/o error|http error|server returne
 
 
 def decode_frames_concealing(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int,
-                             height: int, high_depth: bool, matrix: str,
-                             full_range: bool | None) -> tuple[np.ndarray, list[int]]:
+                             height: int, high_depth: bool, matrix: str, full_range: bool | None,
+                             deinterlace: str | None = None) -> tuple[np.ndarray, list[int]]:
     """`decode_frames`, except that frames the decoder cannot produce (packets it rejects, a GOP whose keyframe
     is gone) are concealed: each repeats the decoded frame before it (the first decoded one, for those before
     that), or is black where no frame of the chunk decodes. Returns the frames and the indices of the
@@ -465,7 +474,7 @@ def decode_frames_concealing(src: str, *, stream_index: int, seek: float | None,
     (`Window.times`), so no frame moves. Where the stream gives no such times (no timestamps, AVI's frame
     counting) a short chunk fails as in `decode_frames`, with the reason it could not be concealed; so does one
     whose reading stopped for another reason than its content (`IO_TROUBLE`: it is retried)."""
-    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range)
+    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range, deinterlace)
     # FFmpeg fails a run in which more than 2/3 of the frames had decoding errors; here the count decides
     args = [*cmd.args[:1], "-max_error_rate", "1", *cmd.args[1:]]
     what = f"decoding {n_frames} frames failed"
@@ -700,7 +709,8 @@ def stitch(list_file: str, source: str, out_path: str, *, source_video_index: in
             # stream tag, which `probe` reads back, rather than lose it.
             args += ["-metadata:s:v:0", f"ROTATE={rotation % 360}"]
     if field_order:
-        # Interlaced frames are restored woven, as stored; the container says so, or players would not deinterlace
+        # Interlaced frames are restored woven, as stored; the container says so, or players would not deinterlace.
+        # ("progressive": frames that were deinterlaced; the container must not still call them interlaced.)
         args += ["-field_order:v:0", field_order]
     if out_format in ("mp4", "mov"):
         args += ["-movflags", "+faststart"]

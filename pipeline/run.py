@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import ray
 from ray.data import ActorPoolStrategy
 
+from models.geometry import chain_geometry, parse_chain
 from pipeline import storage
 from pipeline.config import JobSpec, ResourceSpec
 from pipeline.probe import ProbeError, VideoInfo, probe
@@ -220,7 +221,9 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # decode: CPU tasks, FFmpeg -> RGB frames of [decode_start, decode_end)
     options = spec.storage_options  # passed as arguments, never through environment variables Ray displays
-    ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options, "tries": tries, "conceal": spec.conceal_damage},
+    _, _, context = chain_geometry(parse_chain(spec.chain))
+    ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options, "tries": tries, "conceal": spec.conceal_damage,
+                                         "deinterlace": spec.deinterlace, "context": context},
                 num_cpus=res.decode_cpus,
                 memory=decode_memory(decode_bytes), resources=res.cpu_task_resources())
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames

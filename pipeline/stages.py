@@ -59,11 +59,16 @@ def _failed(row: dict[str, Any], kind: str, err: BaseException | str) -> dict[st
     return {**row, "frames": EMPTY, "error_kind": kind, "error_message": message[:2000], "worker": _worker()}
 
 
-def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conceal: bool = False) -> dict[str, Any]:
+def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conceal: bool = False,
+                 deinterlace: bool = False, context: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
     sources deeper than 8 bits). `conceal`: frames the decoder cannot produce repeat a neighbour
     (`ffmpeg.decode_frames_concealing`); the chunk's own ones are counted in `frames_concealed` and listed,
-    as source frame indices, in `concealed_at`."""
+    as source frame indices, in `concealed_at`.
+
+    `deinterlace` (an interlaced source): the plan decodes one frame more on each side than the chain's
+    `context` needs, where the video has one, for the deinterlacer to see the neighbours a whole-video
+    deinterlace would; those are dropped here, so the chain gets exactly its window."""
     storage.configure(storage_options)
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
            "frames_out": 0, "frames_concealed": 0, "concealed_at": "", "segment_uri": "", "worker": _worker()}
@@ -75,11 +80,14 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
         decode = ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames
+        parity = None
+        if deinterlace and info.field_order:
+            parity = "tff" if info.field_order in ("tt", "tb") else "bff"
         with storage.ffmpeg_input(row["source_uri"]) as src:
             frames = decode(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
-                full_range=info.full_range)
+                full_range=info.full_range, deinterlace=parity)
         if conceal:
             frames, missing = frames
             if missing:  # frames missing because the file changed as it was read are not damage
@@ -87,11 +95,24 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
             own = [int(row["decode_start"]) + j for j in missing
                    if row["frame_start"] <= int(row["decode_start"]) + j < row["frame_end"]]
             row = {**row, "frames_concealed": len(own), "concealed_at": ", ".join(map(str, own))}
+        if parity:
+            frames, row = _drop_deinterlace_margin(frames, row, context, int(info.n_frames))
     except storage.SourceChanged as err:
         return _failed(row, "source", err)
     except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason
         return _failed(row, "decode", err)
     return {**row, "frames": frames, "frames_in": int(row["frame_end"] - row["frame_start"])}
+
+
+def _drop_deinterlace_margin(frames: np.ndarray, row: dict[str, Any], context: tuple[int, int],
+                             n: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The frames of the chain's window, [frame_start - before, frame_end + after) within the video, out of the
+    decode's, which the plan widened by a frame on each side for the deinterlacer."""
+    start = max(0, int(row["frame_start"]) - context[0])
+    end = min(n, int(row["frame_end"]) + context[1])
+    first = start - int(row["decode_start"])
+    frames = frames[first:first + end - start]
+    return frames, {**row, "decode_start": start, "decode_end": end}
 
 
 class RestoreStage:

@@ -11,7 +11,7 @@ from pipeline.probe import VideoInfo, probe
 
 def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_json: str, segments: list[str],
                  expected_frames: int, staging_near: str, durations: list[float] | None = None,
-                 source_version: str = "") -> int:
+                 source_version: str = "", deinterlaced: bool = False) -> int:
     """Returns the output's frame count; raises (FFmpegError, RuntimeError, SourceChanged) with a one-line
     reason. The source's audio, subtitles and metadata are copied from it: it must be the file the chunks
     were made of."""
@@ -25,7 +25,9 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
         source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp))
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,
-                      out_format=out_format, rotation=info.rotation, field_order=info.field_order, streams=streams,
+                      out_format=out_format, rotation=info.rotation,
+                      field_order=("progressive" if deinterlaced else info.field_order) if info.field_order else None,
+                      streams=streams,
                       frames=expected_frames, pixels=info.width * info.height)
         got = probe(str(out)).n_frames
         if got != expected_frames:

@@ -277,3 +277,27 @@ def test_include_and_exclude_pick_the_inputs_and_make_their_own_job(tmp_path, ra
 
     nothing = cli("restore", str(src), str(tmp_path / "none"), *args, "--include", "*.avi")
     assert nothing.exit_code == 2 and "none of the 4 file(s)" in nothing.output
+
+
+@pytest.mark.parametrize("order", ["tff", "bff"])
+def test_deinterlace_gives_the_frames_of_a_whole_video_deinterlace_across_chunks(tmp_path, ray_address, order):
+    """Interlaced sources (by the probe) become progressive before the chain, each frame exactly as FFmpeg's
+    bwdif over the whole file gives it, though every chunk is decoded on its own; progressive ones are untouched."""
+    src = tmp_path / "in"
+    top = "1" if order == "tff" else "0"
+    make_clip(src / "tape.mkv", frames=23, extra=("-c:v", "libx264", "-flags", "+ilme+ildct", "-top", top))
+    make_clip(src / "progressive.mkv", frames=12, extra=("-c:v", "ffv1"))
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "5",
+                 "--deinterlace")
+    assert result.exit_code == 0, result.output
+    expected = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(src / "tape.mkv"), "-vf",
+         f"bwdif=mode=send_frame:parity={order}:deint=all,scale=flags=accurate_rnd+full_chroma_int",
+         "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"], capture_output=True, check=True).stdout
+    expected = np.frombuffer(expected, np.uint8).reshape(-1, 64, 96, 3)
+    restored = decode(dest / "tape.mkv")
+    assert len(restored) == 23 and np.array_equal(restored, expected)
+    assert not np.array_equal(restored, decode(src / "tape.mkv"))  # (it did deinterlace)
+    assert probe_stream(dest / "tape.mkv", "field_order")["field_order"] == "progressive"
+    assert np.array_equal(decode(dest / "progressive.mkv"), decode(src / "progressive.mkv"))
