@@ -291,10 +291,20 @@ def status(
     job_id: Annotated[Optional[str], typer.Option(help="Which job, when DEST holds several.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     all_jobs: Annotated[bool, typer.Option("--all", help="Every job under DEST, a table each (--json: a list).")] = False,
+    state: Annotated[Optional[list[str]], typer.Option(
+        help="Only videos in this state: done, failed or pending (repeatable). The counts stay the job's.")] = None,
+    limit: Annotated[int, typer.Option(
+        help="Rows of the table, failed videos first, then pending, then done (0: all; --json lists all).")] = 50,
     storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-video state of a job: done, failed (with the reason) or pending; frames, duration, compute time."""
+    states = set(state or ())
+    if states - {"done", "failed", "pending"}:
+        _fail(ValueError(f"--state {', '.join(sorted(states - {'done', 'failed', 'pending'}))}: expected done, "
+                         "failed or pending"), EXIT_USAGE, verbose)
+    if limit < 0:
+        _fail(ValueError(f"--limit {limit}: expected 0 (all) or more"), EXIT_USAGE, verbose)
     from jobs.status import job_status
     from pipeline import storage
     from pipeline.manifest import list_jobs
@@ -307,24 +317,35 @@ def status(
         return [job_status(dest.rstrip("/"), job_id)]
 
     infos = _guarded(go, verbose)
+    ok = all(v["status"] == "done" for info in infos for v in info["videos"])
+    if states:
+        infos = [{**info, "videos": [v for v in info["videos"] if v["status"] in states]} for info in infos]
     if as_json:
         out.print_json(json.dumps(infos if all_jobs else infos[0]))
     else:
         for info in infos:
-            out.print(status_table(info))
+            out.print(status_table(info, limit))
+            shown = len(info["videos"]) if not limit else min(limit, len(info["videos"]))
+            if shown < len(info["videos"]):
+                out.print(f"showing {shown:,} of {len(info['videos']):,} video(s), failed first; --limit 0 shows "
+                          "all, --state failed only the failed ones, --json all of them for scripts", soft_wrap=True)
             out.print(f"manifest: {escape(info['manifest'])}", soft_wrap=True)
-    ok = all(v["status"] == "done" for info in infos for v in info["videos"])
     raise typer.Exit(EXIT_OK if ok else EXIT_PARTIAL)
 
 
-def status_table(info: dict) -> Table:
+STATUS_ORDER = {"failed": 0, "pending": 1, "done": 2}
+
+
+def status_table(info: dict, limit: int = 0) -> Table:
+    """The job's videos, failed first (then pending, then done), at most `limit` rows (0: all)."""
     counts = ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))
     table = Table(title=f"job {info['job_id']} ({info['chain']}): {counts}")
     table.add_column("video", overflow="fold")
     for col in ("status", "chunks done", "frames in/out", "duration", "compute"):
         table.add_column(col, no_wrap=True)
     table.add_column("reason", overflow="fold", ratio=1)
-    for v in info["videos"]:
+    videos = sorted(info["videos"], key=lambda v: STATUS_ORDER.get(v["status"], 1))  # (stable: plan order within)
+    for v in videos[:limit or None]:
         c = v["chunks"]
         total = sum(c.values())
         chunks = f"{c['done']}/{total}" + (f", {c['failed']} failed" if c["failed"] else "") if total else ""

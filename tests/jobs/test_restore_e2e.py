@@ -127,6 +127,20 @@ def test_status_names_the_failed_input_with_its_reason(archive):
                                           "with subtitles.mkv")} == {"done"}
 
 
+def test_status_of_a_large_job_shows_the_failed_first_and_filters(archive):
+    _, dest, _ = archive
+    table = runner.invoke(app, ["status", str(dest), "--limit", "1"], env={"COLUMNS": "250"})
+    assert table.exit_code == 3
+    text = " ".join(table.output.split())
+    assert "notes.txt" in text and "bikes.mp4" not in text  # the failed one, though the plan lists it later
+    assert "showing 1 of 5 video(s), failed first" in text and "1 failed" in text and "4 done" in text
+    failed = json.loads(cli("status", str(dest), "--json", "--state", "failed").output)["videos"]
+    assert [v["path"] for v in failed] == ["notes.txt"]
+    done = json.loads(cli("status", str(dest), "--json", "--state", "done", "--state", "pending").output)["videos"]
+    assert len(done) == 4
+    assert cli("status", str(dest), "--state", "lost").exit_code == 2
+
+
 def test_rerun_resumes_and_redoes_nothing(archive):
     src, dest, _ = archive
     job = only_job(dest)
