@@ -73,7 +73,8 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
     outputs = dict(taken or {})
-    probed = probe_all([f.uri for f in files], spec.storage_options, spec.resources.cpu_task_resources())
+    probed = probe_all([f.uri for f in files], spec.storage_options, spec.resources.cpu_task_resources(),
+                       fields=spec.deinterlace)
     for (uri, rel, version), (_, info) in zip(files, probed):
         generation = part if rel in replaced else 0
         if isinstance(info, VideoInfo) and info.is_still:
@@ -277,7 +278,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
     scale, temporal, _ = chain_geometry(parse_chain(spec.chain))
     if plan_only:
         result.videos = summarize(manifest, plan, spec.max_attempts)
-        result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal)
+        failed = {v.video_id for v in result.videos if v.status == "failed"}
+        result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal, failed)
         return result
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, progress, held)
@@ -287,10 +289,11 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
     return result
 
 
-def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int) -> dict:
-    """What is left to do in a plan: videos, chunks, source frames and seconds, the largest output frame."""
+def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int, failed: set[str]) -> dict:
+    """What is left to do in a plan: videos, chunks, source frames and seconds, the largest output frame.
+    `failed`: the videos that cannot be restored (a probe failure, or attempts used up)."""
     stitched = {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
-    todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in stitched
+    todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in stitched | failed
             and states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status != "done"]
     videos = {r["video_id"]: r for r in todo}
     return {
@@ -301,7 +304,7 @@ def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int) -> d
         "output_frames": sum(map(_own_frames, todo)) * temporal,
         "largest_output": max(((r["width"] * scale, r["height"] * scale) for r in videos.values()),
                               key=lambda wh: wh[0] * wh[1], default=(0, 0)),
-        "cannot_restore": sum(1 for r in plan if r["chunk_index"] < 0),
+        "cannot_restore": len(failed),
     }
 
 

@@ -110,6 +110,12 @@ class JobSpec(Frozen):
         parse_chain(value)  # raises ValueError naming the unknown stage
         return value
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Matched without regard to case or order: one selection, one spelling (and one job id)."""
+        return tuple(sorted({glob.lower() for glob in value}))
+
     @field_validator("storage_options")
     @classmethod
     def _protocols(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

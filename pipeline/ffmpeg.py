@@ -234,6 +234,14 @@ def packet_times(src: str, stream_index: int, timeout: float) -> tuple[list[floa
     return times, keys
 
 
+def frame_fields(src: str, stream_index: int, packets: int = 12) -> list[tuple[bool, bool]]:
+    """(interlaced, top field first) of the frames the first `packets` packets of one stream decode to."""
+    args = [FFPROBE, "-v", "error", *input_args(src), "-select_streams", str(stream_index), "-read_intervals",
+            f"%+#{packets}", "-show_entries", "frame=interlaced_frame,top_field_first", "-of", "json", src]
+    frames = json.loads(run(args, timeout=60.0, what="ffprobe could not decode the first frames")).get("frames") or []
+    return [(int(f.get("interlaced_frame") or 0) == 1, int(f.get("top_field_first") or 0) == 1) for f in frames]
+
+
 # -- decode -------------------------------------------------------------------------------------------------
 
 # Frames a decoder may hold back to reorder them (H.264 and HEVC allow up to 16): a packet read later can

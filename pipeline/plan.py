@@ -51,7 +51,7 @@ def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info:
     n_chunks = -(-n // size)
     rel_out, out_format = output_name(rel_path, info, spec)
     before, after = context
-    if spec.deinterlace and info.field_order:  # the deinterlacer needs a frame on each side (see decode_chunk)
+    if spec.deinterlace and info.parity:  # the deinterlacer needs a frame on each side (see decode_chunk)
         before, after = before + 1, after + 1
     probe_json = info.model_dump_json()
     rows = []

@@ -58,6 +58,10 @@ class VideoInfo(BaseModel):
     color_primaries: str | None = None
     rotation: int = 0  # the display matrix's rotation as ffprobe reports it, in [0, 360)
     field_order: str | None = None  # interlaced: "tt", "bb", "tb" or "bt" (frames stay woven, as stored)
+    # Interlaced: which field comes first in time, "tff" or "bff". From the first frames' own flags where the
+    # probe read them (`fields=True`: the container's field order can be missing, as in DV in AVI, or contradict
+    # the frames, as x264's bottom-first streams in MPEG-TS do), else from the container's field order.
+    parity: str | None = None
     streams: tuple[OtherStream, ...] = ()
     chapters: int = 0
     # Presentation time (s) of each frame in display order; used for seeking, not stored in the manifest.
@@ -127,6 +131,21 @@ def _field_order(stream: dict) -> str | None:
     return order if order in ("tt", "bb", "tb", "bt") else None
 
 
+# FFmpeg's field orders: the first letter is the field coded first, the second the one shown first ("tb": top
+# coded first, bottom shown first).
+SHOWN_FIRST = {"tt": "tff", "bt": "tff", "bb": "bff", "tb": "bff"}
+
+
+def _parity(src: str, stream_index: int, field_order: str | None, fields: bool) -> str | None:
+    """"tff" or "bff" for an interlaced video stream, None for a progressive one (or one that says nothing)."""
+    if fields:
+        flags = ffmpeg.frame_fields(src, stream_index)
+        interlaced = [top for woven, top in flags if woven]
+        if interlaced and 2 * len(interlaced) > len(flags):
+            return "tff" if 2 * sum(interlaced) >= len(interlaced) else "bff"
+    return SHOWN_FIRST.get(field_order or "")
+
+
 def _kind(stream: dict) -> str:
     if stream.get("codec_type") == "video" and (stream.get("disposition") or {}).get("attached_pic"):
         return "cover"  # cover art: a picture FFmpeg lists as a one-frame video stream
@@ -158,12 +177,13 @@ def _why_no_video(streams: list[dict]) -> str:
     return f"streams: {', '.join(kinds)}" if kinds else "no streams at all"
 
 
-def probe(src: str) -> VideoInfo:
-    """Probe `src` (a path or URL FFmpeg can open). Raises ProbeError with a one-line reason."""
+def probe(src: str, fields: bool = False) -> VideoInfo:
+    """Probe `src` (a path or URL FFmpeg can open). Raises ProbeError with a one-line reason. `fields`: decode
+    the first frames to read whether they are interlaced, and which field comes first (`VideoInfo.parity`)."""
     if os.path.isfile(src) and os.path.getsize(src) == 0:
         raise ProbeError("the file is empty (0 bytes)")
     try:
-        return _probe(src)
+        return _probe(src, fields)
     except ffmpeg.FFmpegError as err:
         if err.detail.startswith("refused: "):  # a playlist or reference file (ffmpeg.allowed_demuxers)
             raise ProbeError(err.detail) from err
@@ -176,7 +196,7 @@ def probe(src: str) -> VideoInfo:
         raise ProbeError(f"ffprobe's report on the file is malformed ({type(err).__name__}: {detail})") from err
 
 
-def _probe(src: str) -> VideoInfo:
+def _probe(src: str, fields: bool = False) -> VideoInfo:
     meta = ffmpeg.probe_json(src)
     fmt = meta.get("format") or {}
     streams = meta.get("streams") or []
@@ -231,5 +251,6 @@ def _probe(src: str) -> VideoInfo:
         fps_num=fps.numerator, fps_den=fps.denominator, vfr=vfr, n_frames=n_frames,
         color_range=video.get("color_range"), color_space=video.get("color_space"),
         color_transfer=video.get("color_transfer"), color_primaries=video.get("color_primaries"),
-        rotation=_rotation(video), field_order=_field_order(video), streams=others,
+        rotation=_rotation(video), field_order=_field_order(video),
+        parity=_parity(src, int(video["index"]), _field_order(video), fields), streams=others,
         chapters=len(meta.get("chapters") or []), frame_times=tuple(times_sorted))

@@ -174,24 +174,25 @@ class Tries:
 
 
 @ray.remote(num_cpus=0.5, max_retries=PROCESS_RETRIES)
-def _probe_task(uri: str, storage_options: dict) -> VideoInfo | str:
+def _probe_task(uri: str, storage_options: dict, fields: bool = False) -> VideoInfo | str:
     """A VideoInfo, or the one-line reason the file cannot be restored."""
     storage.configure(storage_options)
     try:
         with storage.ffmpeg_input(uri) as src:
-            return probe(src)
+            return probe(src, fields)
     except ProbeError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001 - storage or anything else: this input's failure, not the job's
         return f"cannot be read: {type(err).__name__}: {' '.join(str(err).split())}"
 
 
-def probe_all(uris: list[str], storage_options: dict | None = None,
-              resources: dict[str, float] | None = None) -> Iterator[tuple[str, VideoInfo | str]]:
-    """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order."""
+def probe_all(uris: list[str], storage_options: dict | None = None, resources: dict[str, float] | None = None,
+              fields: bool = False) -> Iterator[tuple[str, VideoInfo | str]]:
+    """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order. `fields`:
+    also read the first frames' field flags (`probe`)."""
     options = ray.put(storage_options or {})
     task = _probe_task.options(resources=resources or {})
-    refs = [task.remote(uri, options) for uri in uris]
+    refs = [task.remote(uri, options, fields) for uri in uris]
     for uri, ref in zip(uris, refs):
         try:
             yield uri, ray.get(ref)

@@ -80,9 +80,7 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
         decode = ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames
-        parity = None
-        if deinterlace and info.field_order:
-            parity = "tff" if info.field_order in ("tt", "tb") else "bff"
+        parity = info.parity if deinterlace else None
         with storage.ffmpeg_input(row["source_uri"]) as src:
             frames = decode(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,

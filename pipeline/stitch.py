@@ -26,7 +26,7 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,
                       out_format=out_format, rotation=info.rotation,
-                      field_order=("progressive" if deinterlaced else info.field_order) if info.field_order else None,
+                      field_order="progressive" if deinterlaced and info.parity else info.field_order,
                       streams=streams,
                       frames=expected_frames, pixels=info.width * info.height)
         got = probe(str(out)).n_frames

@@ -293,25 +293,48 @@ def test_include_and_exclude_pick_the_inputs_and_make_their_own_job(tmp_path, ra
     assert nothing.exit_code == 2 and "none of the 4 file(s)" in nothing.output
 
 
-@pytest.mark.parametrize("order", ["tff", "bff"])
-def test_deinterlace_gives_the_frames_of_a_whole_video_deinterlace_across_chunks(tmp_path, ray_address, order):
-    """Interlaced sources (by the probe) become progressive before the chain, each frame exactly as FFmpeg's
-    bwdif over the whole file gives it, though every chunk is decoded on its own; progressive ones are untouched."""
+def whole_file_bwdif(path: Path, parity: str | None, size: tuple[int, int]) -> np.ndarray:
+    """Every frame of `path`, deinterlaced by bwdif in one pass over the whole file (parity None: as stored)."""
+    deint = f"bwdif=mode=send_frame:parity={parity}:deint=all," if parity else ""
+    raw = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vf",
+         f"{deint}scale=flags=accurate_rnd+full_chroma_int", "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"],
+        capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size[1], size[0], 3)
+
+
+@pytest.mark.parametrize("order, name", [("tff", "tape.mkv"), ("bff", "tape.mkv"),
+                                         ("bff", "broadcast.ts")])  # (the TS stream says "tt"; its frames, bff)
+def test_deinterlace_gives_the_frames_of_a_whole_video_deinterlace_across_chunks(tmp_path, ray_address, order,
+                                                                                 name):
+    """Interlaced sources become progressive before the chain, each frame exactly as FFmpeg's bwdif over the
+    whole file gives it in the field order the frames say, though every chunk is decoded on its own; progressive
+    ones are untouched."""
     src = tmp_path / "in"
     top = "1" if order == "tff" else "0"
-    make_clip(src / "tape.mkv", frames=23, extra=("-c:v", "libx264", "-flags", "+ilme+ildct", "-top", top))
+    make_clip(src / name, frames=23, extra=("-c:v", "libx264", "-flags", "+ilme+ildct", "-top", top))
     make_clip(src / "progressive.mkv", frames=12, extra=("-c:v", "ffv1"))
     dest = tmp_path / "out"
     result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "5",
                  "--deinterlace")
     assert result.exit_code == 0, result.output
-    expected = subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(src / "tape.mkv"), "-vf",
-         f"bwdif=mode=send_frame:parity={order}:deint=all,scale=flags=accurate_rnd+full_chroma_int",
-         "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"], capture_output=True, check=True).stdout
-    expected = np.frombuffer(expected, np.uint8).reshape(-1, 64, 96, 3)
-    restored = decode(dest / "tape.mkv")
-    assert len(restored) == 23 and np.array_equal(restored, expected)
-    assert not np.array_equal(restored, decode(src / "tape.mkv"))  # (it did deinterlace)
-    assert probe_stream(dest / "tape.mkv", "field_order")["field_order"] == "progressive"
+    out = dest / (Path(name).stem + ".mkv")
+    restored = decode(out)
+    assert len(restored) == 23 and np.array_equal(restored, whole_file_bwdif(src / name, order, (96, 64)))
+    assert not np.array_equal(restored, whole_file_bwdif(src / name, None, (96, 64)))  # (it did deinterlace)
+    assert probe_stream(out, "field_order")["field_order"] == "progressive"
     assert np.array_equal(decode(dest / "progressive.mkv"), decode(src / "progressive.mkv"))
+
+
+def test_deinterlace_finds_dv_interlaced_though_its_container_says_nothing(tmp_path, ray_address):
+    from pipeline.probe import probe
+
+    src = tmp_path / "in"
+    make_clip(src / "camcorder.avi", size="720x576", frames=11, extra=("-c:v", "dvvideo", "-pix_fmt", "yuv420p"))
+    info = probe(str(src / "camcorder.avi"), fields=True)
+    assert info.field_order is None and info.parity == "bff"  # from the frames' own flags
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "4",
+                 "--deinterlace")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(decode(dest / "camcorder.mkv"), whole_file_bwdif(src / "camcorder.avi", "bff", (720, 576)))

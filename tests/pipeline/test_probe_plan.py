@@ -117,3 +117,18 @@ def test_object_keys_cannot_escape_dest(clips, tmp_path):
     spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"'\.\.' part|escape"):
         plan_video(spec, "job-x", "x", "../../etc/bikes.mp4", info, (0, 0))
+
+
+def test_job_ids_stay_those_of_jobs_made_before_the_newer_options():
+    """A re-run `restore` of a job made before --conceal-damage, --deinterlace and --include existed must find it."""
+    import hashlib
+    import json
+
+    spec = JobSpec(src="/archive/raw", dest="/archive/out", chain="denoise,sr2x")
+    old = spec.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
+    assert spec.resolved_job_id() == "job-" + hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    for changed in ({"conceal_damage": True}, {"deinterlace": True}, {"include": ["*.mov"]}, {"exclude": ["*.json"]}):
+        assert JobSpec(**{**spec.model_dump(), **changed}).resolved_job_id() != spec.resolved_job_id(), changed
+    # one selection, one job, whatever the globs' case or order
+    a = JobSpec(src="/a", dest="/b", include=["*.MOV", "*.mp4"])
+    assert a.resolved_job_id() == JobSpec(src="/a", dest="/b", include=["*.mp4", "*.mov", "*.mov"]).resolved_job_id()
