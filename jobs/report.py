@@ -89,8 +89,8 @@ def status_span(status: str) -> Html:
 def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str | None, samples: int,
                  videos: int = 50) -> str:
     """Write the job's report page to `out` (default: report.html in the job's manifest folder); returns
-    where it was written. The table lists every video; `videos` of them get a section with frames, failed
-    ones first (each costs a few FFmpeg reads, and the page a few hundred kB)."""
+    where it was written. The table lists the videos (failed first, at most TABLE_ROWS); `videos` of them get
+    a section with frames, failed ones first (each costs a few FFmpeg reads, and the page a few hundred kB)."""
     job_id = pick_job(dest, job_id)
     manifest = Manifest(dest, job_id)
     spec = manifest.read_spec()
@@ -132,6 +132,7 @@ def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
         ["chain", status["chain"]],
         ["models", spec.models or "shipped weights"],
         ["encode", encode],
+        *([["options", options]] if (options := _options(spec)) else []),
         ["source", spec.src],
         ["destination", spec.dest],
         ["manifest", status["manifest"]],
@@ -139,7 +140,9 @@ def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
         ["wall time", f"{wall:.1f} s with chunks in flight" + (f" (between {utc(min(times))} and {utc(max(times))})"
                                                                if times else "")],
         ["frames restored", f"{frames_in} source frames in done chunks, {frames_out} output frames in finished "
-                            "videos"],
+                            "videos" + (f"; {concealed} source frames could not be decoded and were concealed"
+                                        if (concealed := sum(v["frames_concealed"] for v in status["videos"]))
+                                        else "")],
         ["throughput", f"{frames_in / wall:.2f} source frames/s over the wall time" if wall else "n/a"],
         # a chunk's time runs from its decode starting to the driver recording it: queueing between stages included
         ["chunk time", f"{compute:.1f} s (sum over done chunks, from decode to result recorded)"],
@@ -147,17 +150,38 @@ def job_section(status: dict, spec: JobSpec, events: list[dict]) -> Html:
     return Html(f"<h1>reelmend report: job {esc(status['job_id'])}</h1>\n" + table(None, rows))
 
 
-def videos_table(status: dict, shown: set[int]) -> Html:
-    """The same one line per video as `reelmend status`, linking to each video's section (those `shown`)."""
+def _options(spec: JobSpec) -> str:
+    """The job's options that change which files it takes or how it decodes them (empty: none set)."""
+    parts = [f"--include {' '.join(spec.include)}"] if spec.include else []
+    parts += [f"--exclude {' '.join(spec.exclude)}"] if spec.exclude else []
+    parts += ["--deinterlace"] if spec.deinterlace else []
+    parts += ["--conceal-damage"] if spec.conceal_damage else []
+    return " ".join(parts)
+
+
+# Rows of the videos table at most: a job of a million videos would make a page of hundreds of MB.
+TABLE_ROWS = 5000
+
+
+def videos_table(status: dict, shown: set[int], limit: int = TABLE_ROWS) -> Html:
+    """The same one line per video as `reelmend status`, failed ones first, at most `limit`, linking to each
+    video's section (those `shown`)."""
     rows = []
-    for i, v in enumerate(status["videos"]):
+    videos = status["videos"]
+    rank = {"failed": 0, "pending": 1, "done": 2}
+    order = sorted(range(len(videos)), key=lambda i: rank.get(videos[i]["status"], 1))[:limit]
+    for i in order:
+        v = videos[i]
         c = v["chunks"]
         name = Html(f'<a href="#video-{i}">{esc(v["path"])}</a>') if i in shown else esc(v["path"])
         rows.append([name, status_span(v["status"]),
                      f"{c['done']}/{sum(c.values())} done" + (f", {c['failed']} failed" if c["failed"] else ""),
                      v["frames_out"] or "", Html(f'<span class="reason">{esc(v["reason"])}</span>')])
-    note = "" if len(shown) == len(rows) else (
-        f'<p>Frames, properties and timings below for {len(shown)} of {len(rows)} videos, failed ones first '
+    note = "" if len(rows) == len(videos) else (
+        f"<p>The table lists {len(rows)} of {len(videos)} videos, failed ones first; <code>reelmend status DEST "
+        "--json</code> lists every one.</p>")
+    note += "" if len(shown) == len(videos) else (
+        f'<p>Frames, properties and timings below for {len(shown)} of {len(videos)} videos, failed ones first '
         "(<code>reelmend report --videos N</code> shows more).</p>")
     return Html("<h2>Videos</h2>\n" + table(["video", "status", "chunks", "frames out", "reason"], rows) + note)
 

@@ -22,7 +22,7 @@ from conftest import decode, ffmpeg, make_clip, psnr, write_tiny_weights
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.report import busy_seconds, quality_section, utc
+from jobs.report import busy_seconds, esc, quality_section, utc
 from jobs.status import pick_job
 from models.weights import SHIPPED
 from pipeline.manifest import Manifest
@@ -111,6 +111,16 @@ def test_videos_limits_the_detailed_sections_failed_ones_first(job, tmp_path):
     assert page.count("<img ") == 1  # the undecodable video's source frame; bikes.mkv's frames are not read
     assert ">bikes.mkv</td>" in page  # still in the table, without a link to a section it does not have
     assert cli("report", job.dest, "--videos", "0").exit_code == 2
+
+
+def test_the_table_of_a_huge_job_lists_the_failed_first_and_says_how_many(job):
+    from jobs.report import videos_table
+    from jobs.status import job_status
+
+    html = str(videos_table(job_status(job.dest, None), set(), limit=1))  # (a page of 5,000 rows by default)
+    assert html.count("<tr>") == 2 and "bikes.mkv" not in html  # the header, and one of the two failed videos
+    assert "corrupt packets.mp4" in html or esc(ODD) in html
+    assert "The table lists 1 of 3 videos, failed ones first" in html
 
 
 def test_a_folder_without_a_job_exits_2_with_one_line(tmp_path):
