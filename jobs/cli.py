@@ -198,7 +198,8 @@ def restore(
              "--exclude 'thumbnails/*'.")] = None,
     plan_only: Annotated[bool, typer.Option(
         help="Probe the inputs and write the job's plan, show what it holds (videos, hours, chunks, the inputs "
-             "that cannot be restored), and stop: nothing is restored until the same command runs without it.")] = False,
+             "that cannot be restored), and stop: nothing is restored until the same command runs without "
+             "it.")] = False,
     deinterlace: Annotated[bool, typer.Option(
         help="Make interlaced sources (as the probe finds them) progressive before the chain (bwdif, one frame "
              "per frame), so the models see whole frames, not woven fields; progressive ones are untouched.")] = False,
@@ -236,7 +237,8 @@ def restore(
                                  encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       conceal_damage=conceal_damage, deinterlace=deinterlace, include=tuple(include or ()), exclude=tuple(exclude or ()),
+                       conceal_damage=conceal_damage, deinterlace=deinterlace,
+                       include=tuple(include or ()), exclude=tuple(exclude or ()),
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)
         return run_job(spec, address=address, progress=progress, plan_only=plan_only)
@@ -333,19 +335,17 @@ def status(
     raise typer.Exit(EXIT_OK if ok else EXIT_PARTIAL)
 
 
-STATUS_ORDER = {"failed": 0, "pending": 1, "done": 2}
-
-
 def status_table(info: dict, limit: int = 0) -> Table:
     """The job's videos, failed first (then pending, then done), at most `limit` rows (0: all)."""
+    from jobs.status import failed_first
+
     counts = ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))
     table = Table(title=f"job {info['job_id']} ({info['chain']}): {counts}")
     table.add_column("video", overflow="fold")
     for col in ("status", "chunks done", "frames in/out", "duration", "compute"):
         table.add_column(col, no_wrap=True)
     table.add_column("reason", overflow="fold", ratio=1)
-    videos = sorted(info["videos"], key=lambda v: STATUS_ORDER.get(v["status"], 1))  # (stable: plan order within)
-    for v in videos[:limit or None]:
+    for v in failed_first(info["videos"])[:limit or None]:
         c = v["chunks"]
         total = sum(c.values())
         chunks = f"{c['done']}/{total}" + (f", {c['failed']} failed" if c["failed"] else "") if total else ""

@@ -19,7 +19,7 @@ import os
 from datetime import datetime, timezone
 from fractions import Fraction
 
-from jobs.status import job_status, pick_job
+from jobs.status import failed_first, job_status, pick_job
 from models.chain import STAGES
 from models.geometry import parse_chain
 from models.weights import SHIPPED, read_card, stem
@@ -168,10 +168,9 @@ def videos_table(status: dict, shown: set[int], limit: int = TABLE_ROWS) -> Html
     video's section (those `shown`)."""
     rows = []
     videos = status["videos"]
-    rank = {"failed": 0, "pending": 1, "done": 2}
-    order = sorted(range(len(videos)), key=lambda i: rank.get(videos[i]["status"], 1))[:limit]
-    for i in order:
-        v = videos[i]
+    index = {id(v): i for i, v in enumerate(videos)}  # (a video's section is named by its place in the plan)
+    for v in failed_first(videos)[:limit]:
+        i = index[id(v)]
         c = v["chunks"]
         name = Html(f'<a href="#video-{i}">{esc(v["path"])}</a>') if i in shown else esc(v["path"])
         rows.append([name, status_span(v["status"]),

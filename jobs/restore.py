@@ -292,8 +292,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
 def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int, failed: set[str]) -> dict:
     """What is left to do in a plan: videos, chunks, source frames and seconds, the largest output frame.
     `failed`: the videos that cannot be restored (a probe failure, or attempts used up)."""
-    stitched = {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
-    todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in stitched | failed
+    finished = failed | {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
+    todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in finished
             and states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status != "done"]
     videos = {r["video_id"]: r for r in todo}
     return {

@@ -64,6 +64,13 @@ def job_status(dest: str, job_id: str | None) -> dict:
     }
 
 
+def failed_first(videos: list[dict]) -> list[dict]:
+    """`job_status` videos, failed first, then pending, then done (each in plan order): what a reader of a long
+    list needs first."""
+    order = {"failed": 0, "pending": 1, "done": 2}
+    return sorted(videos, key=lambda v: order.get(v["status"], 1))
+
+
 def _compute_seconds(manifest: Manifest) -> dict[str, float]:
     """Per video, the seconds its finished chunks took from decode to encode (all attempts)."""
     events = manifest.read_events().to_pylist()

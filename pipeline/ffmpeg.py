@@ -400,8 +400,8 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     more on each side and drops it (`stages.decode_chunk`)."""
     cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range, deinterlace)
     frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
-    run([*cmd.args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames, timeout=cmd.timeout(width * height),
-        what=f"decoding {n_frames} frames failed")
+    run([*cmd.args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames,
+        timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
     return frames
 
 
