@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -102,7 +103,17 @@ def test_dockerfile_builds_from_this_repository():
     text = (INFRA / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     assert base.startswith("nvidia/cuda:") and "runtime" in base
-    assert re.search(r"apt-get install[^\n]*\bffmpeg\b", text)
+    packages = re.search(r"apt-get install ([^&]*)", text.replace("\\\n", " ")).group(1).split()
+    # FFmpeg for the pipeline; rsync and ssh for the cluster launcher's bootstrap of a container (`ray up` copies
+    # its files in with rsync over `docker exec`, and the head's updater reaches the workers over ssh); wget for
+    # the exec probes KubeRay operators have used
+    assert {"ffmpeg", "rsync", "openssh-client", "wget"} <= set(packages)
+    # the head's AWS autoscaler imports boto3, which nothing else of the project needs: the image's extra has it
+    assert 'pip install --no-cache-dir ".[cluster]"' in text
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("boto3") for req in extras["cluster"])
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git"} <= set(ignored)  # a legacy builder would send them (GBs) to the daemon
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for name in source.split():
             assert (ROOT / name).exists(), f"COPY {name}: not in the repository"
@@ -152,3 +163,39 @@ def test_cluster_launcher_nodes_boot_an_image_with_gpu_drivers_and_docker():
         image = node["node_config"]["ImageId"]
         assert image == ("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
                          "base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"), (name, image)
+
+
+def images() -> list[tuple[str, str]]:
+    found = [("cluster.yaml docker.image", yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())["docker"]["image"])]
+    for path in KUBERAY:
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = doc["spec"]
+            groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]] if doc["kind"] == "RayCluster" else []
+            found += [(f"{path.name}: {c['name']}", c["image"]) for g in groups for c in g["template"]["spec"]["containers"]]
+    return found
+
+
+def test_images_name_a_registry():
+    """An image named without a registry ("reelmend:0.1.0") is pulled from Docker Hub's library, where there is no
+    such image: the files name one (a placeholder the header says to replace)."""
+    for where, image in images():
+        host = image.split("/", 1)[0]
+        assert "/" in image and ("." in host or ":" in host), f"{where}: {image} names no registry"
+
+
+def test_kuberay_cluster_converts_to_the_autoscaler_config_ray_derives():
+    """What Ray's autoscaler makes of the RayCluster (its own converter, offline): both worker groups scale from
+    zero, the GPU group offers a GPU, the CPU group the resource `--cpu-resource cpu_node` asks for, the head no
+    CPU for chunk work."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    (cluster,) = [d for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d["kind"] == "RayCluster"]
+    cluster["metadata"].setdefault("namespace", "default")  # kubectl fills it in
+    config = _derive_autoscaling_config_from_ray_cr(cluster)
+    types = config["available_node_types"]
+    assert types["cpu"]["resources"]["cpu_node"] == 1000 and "GPU" not in types["cpu"]["resources"]
+    assert types["gpu"]["resources"]["GPU"] == 1 and "cpu_node" not in types["gpu"]["resources"]
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    for name in ("cpu", "gpu"):
+        assert types[name]["min_workers"] == 0 and types[name]["max_workers"] > 0
+    assert config["max_workers"] >= types["cpu"]["max_workers"] + types["gpu"]["max_workers"]
