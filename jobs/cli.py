@@ -14,8 +14,10 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
+
+from pipeline.text import printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore video archives at scale with GAN models on Ray.")
@@ -24,6 +26,12 @@ console = Console(stderr=True, highlight=False, emoji=False)
 out = Console(highlight=False, emoji=False)
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def escape(text: str) -> str:
+    """`text` as the console prints it: rich's markup escaped, control characters written out (a file's name
+    may hold a newline or a terminal escape sequence)."""
+    return escape_markup(printable(text))
 
 
 def _fail(err: BaseException, code: int, verbose: bool, progress=None) -> None:

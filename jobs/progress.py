@@ -21,6 +21,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline.text import printable
+
 MODES = ("rich", "plain", "jsonl", "quiet")
 
 
@@ -50,6 +52,7 @@ class Progress:
         if self.mode == "jsonl":
             self.event("log", message=message)
         elif self.mode != "quiet":
+            message = printable(message)  # a file's name in it may hold a newline or a terminal escape
             (self._bar.console.print(message, markup=False, soft_wrap=True) if self._bar else self._log(message))
 
     def start(self, description: str, total: int, done: int = 0, unit: str = "frames", detail: str = "",

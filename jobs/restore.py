@@ -74,7 +74,7 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
     rows, failed = [], []
     outputs = dict(taken or {})
     probed = probe_all([f.uri for f in files], spec.storage_options, spec.resources.cpu_task_resources(),
-                       fields=spec.deinterlace)
+                       fields=spec.deinterlace, versions=[f.version for f in files])
     for (uri, rel, version), (_, info) in zip(files, probed):
         generation = part if rel in replaced else 0
         if isinstance(info, VideoInfo) and info.is_still:
@@ -150,7 +150,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     elif relist:  # a planned job run again by `restore`: what SRC gained or replaced since is planned too
         try:
             files = [f for f in storage.list_files(spec.src) if spec.selects(f.rel)]
-        except FileNotFoundError:
+        except storage.SourceMissing:
             progress.log(f"{spec.src} does not exist (any more): nothing new to plan; finishing what is planned")
     connect(address)
     # what no node can run would wait forever; a cluster this job joined may add such nodes

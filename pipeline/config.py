@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 from typing import Any, Literal
 
 import fsspec
@@ -130,7 +131,12 @@ class JobSpec(Frozen):
         """No trailing slash; a local path made absolute, so a worker on another node (another working
         directory) and a `resume` from another folder mean the same files."""
         value = value.rstrip("/") or "/"
-        if not fsspec.core.split_protocol(value)[0]:
+        protocol = fsspec.core.split_protocol(value)[0]
+        if protocol and (re.match(r"[^:]+://[^/]*@", value) or (protocol in ("http", "https") and "?" in value)):
+            # it would be written to job.json, the plan and every status line (the message leaves it out)
+            raise ValueError("the URL carries credentials (user:password@, or a signed query string): give them "
+                             "through the environment (AWS_ACCESS_KEY_ID, ...) or --storage-options @file.json")
+        if not protocol:
             value = os.path.abspath(os.path.expanduser(value))
         return value
 

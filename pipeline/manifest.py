@@ -22,6 +22,7 @@ from pipeline import storage
 from pipeline.config import JobSpec
 from pipeline.lease import LeaseLost
 from pipeline.schema import EVENTS, PLAN
+from pipeline.text import one_line
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Manifest:
 
     def add_plan_part(self, rows: list[dict], index: int) -> None:
         """Plan part `index` (0: the first plan; later ones: files a re-run `restore` found new or replaced)."""
+        rows = [{**r, "error": one_line(r["error"])} if r.get("error") else r for r in rows]
         table = pa.Table.from_pylist(rows, schema=PLAN)
         storage.write_bytes(storage.join(self.root, "plan", f"part-{index:05d}.parquet"), _parquet_bytes(table))
 
@@ -111,17 +113,18 @@ class Manifest:
 
     # -- events/ (append-only) --------------------------------------------------------------------------
 
-    def append_events(self, events: Iterable[dict]) -> None:
-        rows = [{**{name: None for name in EVENTS.names}, **e} for e in events]
+    def append_events(self, events: Iterable[dict], name: str | None = None) -> None:
+        """Commit `events` as one part file: a new one, or `name` (written again, it replaces what it held: a
+        commit retried after a write that landed but reported an error records nothing twice)."""
+        rows = [{**{column: None for column in EVENTS.names}, **e} for e in events]
         if not rows:
             return
         for row in rows:
+            row["error_message"] = one_line(row["error_message"]) if row["error_message"] else row["error_message"]
             row["started_at"] = _utc(row["started_at"]) if isinstance(row["started_at"], float) else row["started_at"]
             row["finished_at"] = _utc(row["finished_at"]) if isinstance(row["finished_at"], float) else row["finished_at"]
         table = pa.Table.from_pylist(rows, schema=EVENTS)
-        # Sortable names: the order of part files is the order of commits.
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        storage.write_bytes(storage.join(self.root, "events", name), _parquet_bytes(table))
+        storage.write_bytes(storage.join(self.root, "events", name or new_part_name()), _parquet_bytes(table))
 
     def _event_parts(self) -> list[str]:
         """Names of the committed event parts, in commit order (their names sort by commit time)."""
@@ -162,6 +165,11 @@ class Manifest:
         return dict(self._states)
 
 
+def new_part_name() -> str:
+    """Sortable names: the order of event part files is the order of commits."""
+    return f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
 class EventWriter:
     """Buffers events and commits them as one part file about every `interval` seconds, so a job over a million
     chunks writes a bounded number of parts while results stream back.
@@ -176,6 +184,7 @@ class EventWriter:
         self.interval = interval
         self.check = check
         self.buffer: list[dict] = []
+        self.retry_name: str | None = None  # the part name of a commit that failed
         self.lock = threading.Lock()  # one commit at a time
         self.guard = threading.Lock()  # the buffer itself: adding never waits for a commit
         self.stop = threading.Event()
@@ -212,12 +221,16 @@ class EventWriter:
                 events, self.buffer = self.buffer, []
             if not events:
                 return
+            # A commit that failed may still have landed (its write reported an error after all): the next try writes
+            # the same part again, with what came since, so nothing is recorded twice.
+            name, self.retry_name = self.retry_name or new_part_name(), None
             try:
                 self.check()
-                self.manifest.append_events(events)
+                self.manifest.append_events(events, name)
             except LeaseLost:
                 raise
             except BaseException:
                 with self.guard:
                     self.buffer[:0] = events  # not committed: kept, in order, for the next try
+                self.retry_name = name
                 raise

@@ -44,8 +44,9 @@ def output_name(rel_path: str, info: VideoInfo, spec: JobSpec) -> tuple[str, str
 def plan_video(spec: JobSpec, job_id: str, source_uri: str, rel_path: str, info: VideoInfo,
                context: tuple[int, int], *, version: str = "", generation: int = 0) -> list[dict]:
     """One plan row per chunk of about 2 s (or `spec.chunk_frames`) of source frames."""
-    if _dotted(rel_path):
-        raise ValueError(f"object key {source_uri!r} has a '..' part: its output would not be its own path in DEST")
+    if _unsafe(rel_path):
+        raise ValueError(f"object key {source_uri!r} has an empty, '.' or '..' part: its output would not be its own "
+                         "path in DEST (rename the object)")
     n = info.n_frames
     size = spec.chunk_frames or max(2, round(2 * info.fps))
     n_chunks = -(-n // size)
@@ -83,18 +84,19 @@ def chunk_times(info: VideoInfo, start: int, end: int) -> str:
     return json.dumps([round(x - t[start], 6) for x in (*t[start:end], following)])
 
 
-def _dotted(rel_path: str) -> bool:
+def _unsafe(rel_path: str) -> bool:
     """An object store's key is a name, not a path: "raw/x/../a.mp4" is an object of its own, which a resolved
-    relative path ("a.mp4", or "../a.mp4") would give another object's output, or one outside DEST. Only the
-    part below SRC counts: SRC itself may be spelled with '..' ("../raw")."""
-    return ".." in rel_path.split("/")
+    relative path ("a.mp4", or "../a.mp4") would give another object's output, or one outside DEST; so are
+    "raw/./_reelmend/..." (normalised, a path into DEST's job area) and "raw//a.mp4" (normalised, the output of
+    "raw/a.mp4"). Only the part below SRC counts: SRC itself may be spelled with '..' ("../raw")."""
+    return any(part in ("", ".", "..") for part in rel_path.split("/"))
 
 
 def failed_video_row(job_id: str, source_uri: str, rel_path: str, reason: str, dest: str, *, version: str = "",
                      generation: int = 0) -> dict:
     """The plan row of an input that cannot be restored: it is listed, with its reason, and never run."""
     try:
-        output_uri = "" if _dotted(rel_path) else join(dest, safe_relative(rel_path))
+        output_uri = "" if _unsafe(rel_path) else join(dest, safe_relative(rel_path))
     except ValueError:
         output_uri = ""
     return {"job_id": job_id, "video_id": video_id(rel_path, generation), "source_uri": source_uri,

@@ -174,11 +174,11 @@ class Tries:
 
 
 @ray.remote(num_cpus=0.5, max_retries=PROCESS_RETRIES)
-def _probe_task(uri: str, storage_options: dict, fields: bool = False) -> VideoInfo | str:
+def _probe_task(uri: str, storage_options: dict, fields: bool = False, version: str = "") -> VideoInfo | str:
     """A VideoInfo, or the one-line reason the file cannot be restored."""
     storage.configure(storage_options)
     try:
-        with storage.ffmpeg_input(uri) as src:
+        with storage.ffmpeg_input(uri, version=version) as src:
             return probe(src, fields)
     except ProbeError as err:
         return str(err)
@@ -187,12 +187,13 @@ def _probe_task(uri: str, storage_options: dict, fields: bool = False) -> VideoI
 
 
 def probe_all(uris: list[str], storage_options: dict | None = None, resources: dict[str, float] | None = None,
-              fields: bool = False) -> Iterator[tuple[str, VideoInfo | str]]:
+              fields: bool = False, versions: list[str] | None = None) -> Iterator[tuple[str, VideoInfo | str]]:
     """Probe every input in parallel on the cluster; yields (uri, info or reason) in input order. `fields`:
-    also read the first frames' field flags (`probe`)."""
+    also read the first frames' field flags (`probe`). `versions` (the listing's): where FFmpeg reads local
+    copies, the copy a node keeps of each version serves the decodes that follow."""
     options = ray.put(storage_options or {})
     task = _probe_task.options(resources=resources or {})
-    refs = [task.remote(uri, options, fields) for uri in uris]
+    refs = [task.remote(uri, options, fields, version) for uri, version in zip(uris, versions or [""] * len(uris))]
     for uri, ref in zip(uris, refs):
         try:
             yield uri, ray.get(ref)

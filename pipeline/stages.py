@@ -81,7 +81,7 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
         n = int(row["decode_end"] - row["decode_start"])
         decode = ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames
         parity = info.parity if deinterlace else None
-        with storage.ffmpeg_input(row["source_uri"]) as src:
+        with storage.ffmpeg_input(row["source_uri"], version=row.get("source_version") or "") as src:
             frames = decode(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,

@@ -22,7 +22,7 @@ def stitch_video(*, source_uri: str, output_uri: str, out_format: str, probe_jso
         inputs = [stack.enter_context(storage.ffmpeg_input(uri, stage_in=tmp)) for uri in segments]
         list_file = tmp / "segments.ffconcat"
         list_file.write_text(ffmpeg.concat_list(inputs, durations), encoding="utf-8")
-        source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp))
+        source = stack.enter_context(storage.ffmpeg_input(source_uri, stage_in=tmp, version=source_version))
         out = tmp / f"output{_suffix(output_uri)}"
         ffmpeg.stitch(str(list_file), source, str(out), source_video_index=info.stream_index,
                       out_format=out_format, rotation=info.rotation,

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import errno
 import functools
+import hashlib
 import logging
 import os
 import posixpath
@@ -127,6 +128,10 @@ class Listed(NamedTuple):
     version: str  # what identifies this content of the file (see `version_of`)
 
 
+class SourceMissing(FileNotFoundError):
+    """SRC itself does not exist. (A file under it that vanishes or dangles is listed, and fails alone.)"""
+
+
 @retrying
 def list_files(src: str) -> list[Listed]:
     """Every file under `src`, recursively, sorted; skips reelmend's job areas. One listing call per page of
@@ -134,7 +139,7 @@ def list_files(src: str) -> list[Listed]:
     fs, root = fs_and_path(src)
     fs.invalidate_cache(root)  # other processes add and replace files there
     if not fs.exists(root):
-        raise FileNotFoundError(f"source {src} does not exist")
+        raise SourceMissing(f"source {src} does not exist")
     protocol = src.split("://", 1)[0] + "://" if "://" in src else ""
     local = not protocol or protocol == "file://"
     if fs.isfile(root):
@@ -155,7 +160,10 @@ def _version(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
     """`version_of` the listed file; on a local disk, of what it links to (a listing describes a symlink itself,
     which is not what FFmpeg reads)."""
     if isinstance(fs, LocalFileSystem):
-        st = os.stat(path)  # follows links
+        try:
+            st = os.stat(path)  # follows links
+        except OSError:  # a dangling link, or a file gone since the listing: its probe fails, and with it the file
+            return version_of(info)
         return version_of({"size": st.st_size, "mtime": st.st_mtime})
     return version_of(info)
 
@@ -381,11 +389,11 @@ def publish(local: Path, uri: str) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
     elif set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol) & WHOLE_OBJECT_PUTS:
-        retrying(fs.put_file)(str(local), path)  # one PUT, or a multipart upload that appears when completed
+        fs.put_file(str(local), path)  # one PUT, or a multipart upload that appears when completed
     else:  # a filesystem reached over the network (sftp, webdav, hdfs): beside the target, then renamed
         tmp = _hidden_tmp(path)
         try:
-            retrying(fs.put_file)(str(local), tmp)
+            fs.put_file(str(local), tmp)
             fs.mv(tmp, path)
         finally:
             with contextlib.suppress(Exception):
@@ -398,9 +406,11 @@ WHOLE_OBJECT_PUTS = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "me
 
 
 @contextlib.contextmanager
-def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
+def ffmpeg_input(uri: str, stage_in: Path | None = None, version: str = "") -> Iterator[str]:
     """Something FFmpeg can open for `uri`: a local path, a presigned HTTP URL (FFmpeg then reads only the
-    byte ranges it needs), or else a local copy staged in `stage_in` (at most one file per open call)."""
+    byte ranges it needs), or else a local copy: with the file's `version` (from its listing), the node's
+    shared copy of that version (`_shared_copy`: one download per node, whichever tasks read it), without, a
+    copy of its own staged in `stage_in`."""
     fs, path = fs_and_path(uri)
     if isinstance(fs, LocalFileSystem):
         yield path
@@ -408,6 +418,10 @@ def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
     url = _presigned_url(fs, path)
     if url is not None:
         yield url
+        return
+    if version:
+        with _shared_copy(fs, path, version) as local:
+            yield local
         return
     with contextlib.ExitStack() as stack:
         folder = stage_in or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reelmend-in-")))
@@ -419,6 +433,75 @@ def ffmpeg_input(uri: str, stage_in: Path | None = None) -> Iterator[str]:
             local.unlink(missing_ok=True)
 
 
+def copies_root() -> Path:
+    """Where a node keeps its shared copies of sources read from stores that cannot sign URLs."""
+    return Path(os.environ.get("REELMEND_COPIES_DIR") or Path(tempfile.gettempdir()) / "reelmend-copies")
+
+
+def copies_budget() -> int:
+    """The bytes of shared copies a node keeps (REELMEND_COPIES_GB, default 20) beyond those being read."""
+    return int(float(os.environ.get("REELMEND_COPIES_GB", "20")) * 2**30)
+
+
+@contextlib.contextmanager
+def _shared_copy(fs: fsspec.AbstractFileSystem, path: str, version: str) -> Iterator[str]:
+    """The node's local copy of `path` at `version`, downloaded by the first task that needs it while the others
+    wait (an exclusive lock on the copy's lock file), then read under a shared lock. Copies beyond
+    `copies_budget()` go, least recently read first, but never one being read: the disk holds the budget plus
+    the sources being read at the time. A new version of the file is a new copy (the old one ages out)."""
+    import fcntl
+
+    root = copies_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{fs.protocol}\0{path}\0{version}".encode()).hexdigest()[:32]
+    local = root / f"{key}{posixpath.splitext(path)[1]}"
+    with open(root / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not local.exists():
+                partial = root / f".{key}.{uuid.uuid4().hex}.part"
+                try:
+                    retrying(fs.get_file)(path, str(partial))
+                    os.replace(partial, local)
+                finally:
+                    partial.unlink(missing_ok=True)
+                _trim_copies(root, keep=local)
+            os.utime(local)  # read now: the last to go
+        except BaseException:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            raise
+        fcntl.flock(lock, fcntl.LOCK_SH)  # readers share it; a trim takes it exclusively, so never while read
+        yield str(local)
+
+
+def _trim_copies(root: Path, keep: Path) -> None:
+    """Remove the least recently read copies until those left fit `copies_budget()`; a copy being read (its
+    lock held by a reader) stays."""
+    import fcntl
+
+    copies = sorted((p for p in root.iterdir() if not p.name.startswith(".") and p.suffix != ".lock"),
+                    key=lambda p: p.stat().st_mtime)
+    total, budget = sum(p.stat().st_size for p in copies), copies_budget()
+    for copy in copies:
+        if total <= budget:
+            return
+        if copy == keep:
+            continue
+        lock_path = root / f"{copy.stem}.lock"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being read
+            size = copy.stat().st_size
+            copy.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+            total -= size
+
+
+_unsigned: set = set()  # the protocols a warning already said cannot sign, once per process
+
+
 def _presigned_url(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """An HTTP(S) URL FFmpeg can read with range requests, when the filesystem can sign one (fsspec's `sign`:
     s3fs always, gcsfs with service-account credentials). A plain `url()` is not enough: gcsfs's is unsigned,
@@ -428,6 +511,10 @@ def _presigned_url(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
         # reconnects with the same URL); never logged (FFmpeg's errors are redacted). Temporary credentials
         # (an instance profile's) may end it sooner.
         url = fs.sign(path, expiration=6 * 3600)
-    except Exception:  # noqa: BLE001 - cannot sign (not implemented, credentials that cannot): stage a copy
+    except Exception as err:  # noqa: BLE001 - cannot sign (not implemented, credentials that cannot): copy it
+        if fs.protocol not in _unsigned:
+            _unsigned.add(fs.protocol)
+            log.warning("storage: %s URLs cannot be signed (%s: %s): FFmpeg reads local copies of the sources",
+                        fs.protocol, type(err).__name__, " ".join(str(err).split())[:200])
         return None
     return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None

@@ -73,12 +73,51 @@ def test_event_writer_commits_while_no_result_comes_and_keeps_what_a_failed_comm
         assert [e["chunk_index"] for e in manifest.read_events().to_pylist()] == [0, 1]
 
         real = manifest.append_events
-        monkeypatch.setattr(manifest, "append_events", lambda events: (_ for _ in ()).throw(OSError("store down")))
+        monkeypatch.setattr(manifest, "append_events", lambda *a: (_ for _ in ()).throw(OSError("store down")))
         writer.add(_event(2))
         time.sleep(0.35)  # commits fail: the event stays buffered
         monkeypatch.setattr(manifest, "append_events", real)
         writer.add(_event(3))
     assert [e["chunk_index"] for e in manifest.read_events().to_pylist()] == [0, 1, 2, 3]
+
+
+def test_a_commit_that_landed_but_reported_an_error_is_not_recorded_twice(tmp_path, monkeypatch):
+    """A store can answer an error for a write that landed (a timeout after the PUT completed): the writer's next
+    try writes the same part again, with what came since, instead of a second part holding the same events."""
+    import pytest
+
+    from pipeline.manifest import EventWriter
+
+    manifest = Manifest(str(tmp_path / "out"), "job-x")
+    real = manifest.append_events
+
+    def landed_then_failed(events, name=None):
+        real(events, name)
+        monkeypatch.setattr(manifest, "append_events", real)
+        raise OSError("read timeout")
+
+    monkeypatch.setattr(manifest, "append_events", landed_then_failed)
+    with EventWriter(manifest, interval=60) as writer:
+        writer.add(_event(0))
+        with pytest.raises(OSError):
+            writer.flush()
+        writer.add(_event(1))
+    assert sorted(e["chunk_index"] for e in manifest.read_events().to_pylist()) == [0, 1]
+    assert len(list((tmp_path / "out" / "_reelmend" / "job-x" / "events").glob("part-*"))) == 1
+
+
+def test_reasons_are_kept_as_one_printable_line(tmp_path):
+    """FFmpeg's multi-line errors and names holding newlines or terminal escapes reach the manifest as one line
+    whose control characters are written out: status tables and logs stay one line a video, and inert."""
+    from pipeline.plan import failed_video_row
+
+    manifest = Manifest(str(tmp_path / "out"), "job-x")
+    manifest.append_events([{**_event(0), "status": "failed", "error_message": "decode:\n  bad\tpacket\x1b[31m"}])
+    assert manifest.read_events().to_pylist()[0]["error_message"] == "decode: bad packet\\x1b[31m"
+    row = failed_video_row("job-x", "/in/a\nb.mkv", "a\nb.mkv", "its output is also that of a\x1bb.mov\nrename",
+                           str(tmp_path / "out"))
+    manifest.add_plan_part([row], 0)
+    assert manifest.read_plan().to_pylist()[0]["error"] == "its output is also that of a\\x1bb.mov rename"
 
 
 def test_event_writer_of_a_run_that_lost_its_lease_records_nothing(tmp_path):

@@ -117,6 +117,10 @@ def test_object_keys_cannot_escape_dest(clips, tmp_path):
     spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"'\.\.' part|escape"):
         plan_video(spec, "job-x", "x", "../../etc/bikes.mp4", info, (0, 0))
+    # keys that would normalise into DEST's job area, or onto another key's output ("a//b.mp4" onto "a/b.mp4")
+    for key in ("./_reelmend/job-abc/segments/0123/000000.mkv", "/dup.mkv", "a//b.mp4", "a/./b.mp4"):
+        with pytest.raises(ValueError, match="empty, '.' or '..' part"):
+            plan_video(spec, "job-x", "x", key, info, (0, 0))
 
 
 def test_job_ids_stay_those_of_jobs_made_before_the_newer_options():

@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for pkg in ("pipeline", "models", "jobs") for p in (ROOT / pkg).rglob("*.py"))
-SHELL_CALLS = {"system", "popen", "getoutput", "getstatusoutput"}  # os.* / subprocess.* helpers that use a shell
+# os.*, subprocess.* and asyncio.* helpers that run their command through a shell
+SHELL_CALLS = {"system", "popen", "getoutput", "getstatusoutput", "create_subprocess_shell"}
+SHELLS = {"sh", "bash", "dash", "zsh", "/bin/sh", "/bin/bash", "/usr/bin/env"}  # [shell, "-c", command] lists
 
 
 def shell_uses(tree: ast.AST) -> list[str]:
@@ -28,13 +30,18 @@ def shell_uses(tree: ast.AST) -> list[str]:
         if name in ("run", "Popen", "check_output", "check_call", "call") and node.args \
                 and isinstance(node.args[0], (ast.Constant, ast.JoinedStr)):
             found.append(f"line {node.lineno}: {name}() given a command string")
+    for node in ast.walk(tree):  # an argument list that starts a shell on a command string, wherever it is built
+        if isinstance(node, (ast.List, ast.Tuple)) and node.elts and isinstance(node.elts[0], ast.Constant) \
+                and node.elts[0].value in SHELLS:
+            found.append(f"line {node.lineno}: [{node.elts[0].value!r}, ...]")
     return found
 
 
 def test_the_scan_finds_what_it_looks_for():
     bad = ast.parse("import os, subprocess\nos.system('ls')\nsubprocess.run('ls', shell=True)\n"
-                    "subprocess.run(f'ffmpeg -i {x}')\n")
-    assert len(shell_uses(bad)) == 4
+                    "subprocess.run(f'ffmpeg -i {x}')\nsubprocess.run(['sh', '-c', cmd])\n"
+                    "asyncio.create_subprocess_shell(cmd)\n")
+    assert len(shell_uses(bad)) == 6
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
