@@ -11,7 +11,8 @@ N, "kind": ..., "times": N}:
 * kind "crash": the worker process exits at once on that chunk (a segfault, an OOM kill), `times` times;
 * kind "memory": a memory limit, {"stage": "restore", "kind": "memory", "max_pixels": P}: every model forward
   over more than P input pixels (frames x height x width) raises torch.OutOfMemoryError, as a GPU or a
-  container limit would.
+  container limit would; with "action": "crash", the process exits there instead, as when the kernel's (or
+  Ray's) OOM killer ends it: no exception to catch.
 
 Counts are kept in files beside the fault file, so they hold across worker processes and restarts.
 """
@@ -60,21 +61,25 @@ def maybe_fail(stage: str, row: dict[str, Any]) -> None:
             raise InjectedFault(f"injected fault in {stage} of chunk {row['chunk_index']}")
 
 
-def memory_limit() -> int | None:
-    """The simulated model memory limit in input pixels per forward, if one is set."""
-    limits = [int(f["max_pixels"]) for f in _faults() if f.get("kind") == "memory"]
-    return min(limits) if limits else None
+def memory_limit() -> tuple[int, bool] | None:
+    """The simulated model memory limit in input pixels per forward, and whether exceeding it kills the
+    process, if one is set."""
+    limits = sorted((int(f["max_pixels"]), f.get("action") == "crash") for f in _faults() if f.get("kind") == "memory")
+    return limits[0] if limits else None
 
 
-def limit_memory(chain, max_pixels: int) -> None:
-    """Make every network of `chain` run out of memory on a forward over more than `max_pixels` input pixels.
-    The instance's forward is wrapped (not the module), so the chain still sees its own network classes."""
+def limit_memory(chain, max_pixels: int, crash: bool = False) -> None:
+    """Make every network of `chain` run out of memory on a forward over more than `max_pixels` input pixels
+    (`crash`: the process dies there). The instance's forward is wrapped (not the module), so the chain still
+    sees its own network classes."""
     import torch
 
     def limited(forward):
         def forward_within_limit(*inputs: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             pixels = x.numel() // x.shape[-3]  # (B, [T,] C, H, W): frames x height x width
+            if pixels > max_pixels and crash:
+                os._exit(137)  # what a SIGKILL from an OOM killer leaves as the exit status
             if pixels > max_pixels:
                 raise torch.OutOfMemoryError(f"simulated: a forward over {pixels} pixels exceeds the "
                                              f"{max_pixels}-pixel limit")

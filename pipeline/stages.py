@@ -37,17 +37,22 @@ def lost_reason(what: str) -> str:
 
 def _lost(stage: str, row: dict[str, Any], tries) -> bool:
     """Count this start of the chunk in `stage`; True when its process has died too often already."""
+    return _starts(stage, row, tries) > PROCESS_RETRIES + 1
+
+
+def _starts(stage: str, row: dict[str, Any], tries) -> int:
+    """Count this start of the chunk in `stage`: how often it has started there in this pass, this time
+    included (1 when not counted)."""
     if tries is None:  # run outside a job (tests of one stage)
-        return False
+        return 1
     import ray
 
     try:
-        starts = ray.get(tries.start.remote(f"{stage}/{row['video_id']}/{int(row['chunk_index'])}"), timeout=60)
+        return ray.get(tries.start.remote(f"{stage}/{row['video_id']}/{int(row['chunk_index'])}"), timeout=60)
     except (ray.exceptions.RayError, TimeoutError) as err:  # the counter is gone with the driver: count nothing
         logging.getLogger(__name__).warning("cannot count the starts of chunk %s of %s (%s): not counted",
                                             row["chunk_index"], row["video_id"], type(err).__name__)
-        return False
-    return starts > PROCESS_RETRIES + 1
+        return 1
 
 
 def _worker() -> str:
@@ -131,34 +136,45 @@ class RestoreStage:
         # the weights may be in a bucket: a transient error there is retried, not the end of the whole job
         self.chain = storage.retrying(load_chain)(chain, models)
         if (limit := faults.memory_limit()) is not None:
-            faults.limit_memory(self.chain, limit)
+            faults.limit_memory(self.chain, *limit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row = {k: v[0] for k, v in batch.items()}
         if not row["error_kind"]:
-            lost = _lost("restore", row, self.tries)
-            row = _failed(row, "lost", f"restore: {lost_reason('chunk')}") if lost else self._restore(row)
+            starts = _starts("restore", row, self.tries)
+            lost = starts > PROCESS_RETRIES + 1
+            row = _failed(row, "lost", f"restore: {lost_reason('chunk')}") if lost else self._restore(row, starts - 1)
         return {k: _one(v) for k, v in row.items()}
 
-    def _restore(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _restore(self, row: dict[str, Any], deaths: int = 0) -> dict[str, Any]:
         t = self.chain.temporal_factor
         own = slice(int(row["frame_start"] - row["decode_start"]) * t, int(row["frame_end"] - row["decode_start"]) * t)
         try:
             faults.maybe_fail("restore", row)
-            out = self._run_within_memory(np.asarray(row["frames"]))
+            out = self._run_within_memory(np.asarray(row["frames"]), deaths)
         except OutOfMemory as err:
             return _failed(row, "oom", err)
         except Exception as err:  # noqa: BLE001
             return _failed(row, "restore", err)
         return {**row, "frames": np.ascontiguousarray(out[own]), "worker": _worker()}
 
-    def _run_within_memory(self, frames: np.ndarray) -> np.ndarray:
+    def _run_within_memory(self, frames: np.ndarray, deaths: int = 0) -> np.ndarray:
         """Run the chain; out of memory, run it again with a quarter of the pixels per forward (fewer frames
         per batch, then smaller tiles) until it fits or nothing can shrink further. Outputs are the same
-        whatever the budget, up to the blending of tile seams."""
+        whatever the budget, up to the blending of tile seams.
+
+        `deaths`: how often a worker died running this chunk before. An OOM killer (the kernel's, a container's,
+        Ray's memory monitor) ends the process with nothing to catch, and it looks like any other death; so a
+        chunk run again after one starts at a quarter of what it needed per forward, a sixteenth after two."""
         import torch
 
         budget = self.chain.pixel_budget
+        if deaths:
+            _, h, w, _ = frames.shape
+            needed = len(frames) * h * w * self.chain.scale ** 2
+            self.chain.pixel_budget = max(self.chain.min_pixel_budget, min(budget, needed) / 4 ** deaths)
+            logging.getLogger(__name__).warning("a worker died %d time(s) running this chunk: restoring it with at "
+                                                "most %d output pixels per forward", deaths, self.chain.pixel_budget)
         try:
             while True:
                 try:

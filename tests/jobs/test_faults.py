@@ -145,6 +145,16 @@ def test_out_of_memory_retries_with_smaller_batches_then_fails_cleanly(tmp_path,
     reason = status(dest)["clip.mkv"]["reason"]
     assert "oom" in reason and "out of memory" in reason and "\n" not in reason
 
+    # the OOM killer's way: the process dies over the limit, with nothing to catch. Started again, a chunk runs
+    # at a quarter of what it needed per forward (a sixteenth after two deaths: tiles here), and fits before its
+    # starts run out
+    inject([{"stage": "restore", "kind": "memory", "max_pixels": 40000, "action": "crash"}])
+    dest = tmp_path / "killed"
+    result = cli("restore", str(src), str(dest), *args)
+    assert result.exit_code == 0, result.output
+    assert psnr(decode(dest / "clip.mkv"), decode(reference / "clip.mkv")) > 40
+    assert sorted(e["chunk_index"] for e in chunk_events(dest) if e["status"] == "done") == [0, 1]
+
 
 def test_a_chunk_no_node_can_hold_fails_up_front_instead_of_waiting_forever(tmp_path, ray_address):
     from jobs.restore import _fit_memory
