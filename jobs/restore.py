@@ -33,6 +33,8 @@ NO_EVENTS = ChunkState("pending")
 
 # Chunks per Ray Data pass: bounds the driver's and Ray Data's bookkeeping for archives of any size.
 WAVE = 2000
+# The failures an outage causes: a read or a write of the store failing (decode, encode), a worker or node lost.
+RETRY_BACKOFF_KINDS = {"decode", "encode", "lost"}
 
 
 @dataclass
@@ -336,6 +338,11 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
             log(f"{too_big} chunk(s) need more memory than any node has; failed (see `reelmend status`)")
         if not wave:
             continue
+        if delay := retry_delay(wave, manifest.chunk_states()):
+            log(f"waiting {delay:.0f} s before retrying {len(wave)} chunk(s) that failed reading, writing or with "
+                "their worker (an outage of the store or of a node may pass)")
+            time.sleep(delay)
+            held.check()
         log(f"restoring {len(wave)} chunk(s) of {len(todo)} pending")
         manifest.append_events({"video_id": t["video_id"], "chunk_index": t["chunk_index"], "status": "running",
                                 "attempt": t["attempt"], "started_at": time.time()} for t in wave)
@@ -381,6 +388,19 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
             with contextlib.suppress(Exception):  # the connection may be gone with what is being raised
                 ray.kill(tries)
     return chunks, frames
+
+
+def retry_delay(wave: list[dict], states: dict) -> float:
+    """Seconds to wait before a wave of retries only, all of chunks that failed as an outage would fail them
+    (`RETRY_BACKOFF_KINDS`): 5 s before second attempts, doubling with each attempt, up to a minute. A wave with
+    fresh chunks in it starts at once (its retries then come after a whole wave's work), and so do retries of
+    failures that waiting does not mend (a model's error, a source that changed)."""
+    if not wave or any(t["attempt"] == 1 for t in wave):
+        return 0.0
+    if any(states.get((t["video_id"], t["chunk_index"]), NO_EVENTS).error_kind not in RETRY_BACKOFF_KINDS
+           for t in wave):
+        return 0.0
+    return min(60.0, 5.0 * 2 ** (min(t["attempt"] for t in wave) - 2))
 
 
 def concealed_note(count: int, at: str) -> str:

@@ -101,6 +101,10 @@ def allowed_demuxers() -> str:
     return ",".join(sorted(demuxers))
 
 
+# Seconds more for a call reading over HTTP: two stalls of FFmpeg's full reconnect backoff (1 + 2 + ... + 32 s).
+RECONNECT_BUDGET = 126.0
+
+
 def input_args(src: str) -> list[str]:
     """Options for reading `src`, the same for every ffprobe and FFmpeg call on a source.
 
@@ -143,7 +147,13 @@ class Ran:
 def execute(args: list[str], *, timeout: float, what: str, stdin: memoryview | bytes | None = None,
             stdout_into: np.ndarray | None = None) -> Ran:
     """`run`, except that stdout read into `stdout_into` may fall short: the caller judges (`Ran.got`). Raises
-    FFmpegError on a non-zero exit or a timeout."""
+    FFmpegError on a non-zero exit or a timeout.
+
+    A call that reads over HTTP (`input_args`: it reconnects, backing off for up to a minute a stall) gets
+    `RECONNECT_BUDGET` more: a store that throttles or drops connections for a while slows the call down instead
+    of timing it out and failing the chunk."""
+    if "-reconnect" in args:
+        timeout += RECONNECT_BUDGET
     proc = subprocess.Popen(args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err_tail: deque[bytes] = deque(maxlen=64)

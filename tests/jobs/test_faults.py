@@ -208,3 +208,18 @@ def test_resources_no_node_offers_are_refused_before_any_work(tmp_path, ray_addr
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
         assert not dest.exists()
+
+
+def test_retries_of_what_an_outage_fails_wait_for_it_and_nothing_else_waits():
+    from jobs.restore import retry_delay
+    from pipeline.manifest import ChunkState
+
+    def wave(*attempts):
+        return [{"video_id": "v", "chunk_index": i, "attempt": a} for i, a in enumerate(attempts)]
+
+    read_failed = {("v", i): ChunkState("failed", 1, "decode") for i in range(3)}
+    assert retry_delay(wave(2, 2), read_failed) == 5.0
+    assert retry_delay(wave(3, 4), {**read_failed, ("v", 1): ChunkState("failed", 3, "lost")}) == 10.0
+    assert retry_delay(wave(9), read_failed) == 60.0  # at most a minute
+    assert retry_delay(wave(2, 1), read_failed) == 0.0  # fresh work in the wave: no waiting
+    assert retry_delay(wave(2, 2), {**read_failed, ("v", 1): ChunkState("failed", 1, "restore")}) == 0.0
