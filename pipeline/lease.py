@@ -9,7 +9,8 @@ files. The first to take the lease proceeds; the second stops at once with a mes
   heartbeat thread every TTL/4 and deleted at the end. A lease not renewed for TTL seconds belongs to a dead
   driver and is taken over; a driver that finds its lease taken over stops at its next check (`Lease.check`,
   before each chunk result it would record and between waves). Expiry compares the holder's clock with the reader's, so clocks must agree to well under
-  TTL (NTP does). A driver killed without releasing its lease blocks a new run for up to TTL seconds.
+  TTL (NTP does). A driver killed without releasing its lease blocks a new run for up to TTL seconds, except
+  a new run on the same machine, which sees that the holder's process has ended and takes the lease at once.
   On S3, renewals and takeovers are conditional PUTs on the ETag last seen (`If-Match`): a renewal never
   overwrites a takeover, and of two drivers taking over the same expired lease exactly one wins. Other object
   stores (no ETag condition through fsspec) take over by delete-then-create and renew by read-then-write,
@@ -65,15 +66,45 @@ class Lease:
 
 def _holder() -> dict:
     now = time.time()
-    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
-            "renewed_at": now}
+    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_space(),
+            "acquired_at": now, "renewed_at": now}
+
+
+def _pid_space() -> str:
+    """What makes a pid mean one process: this boot of this kernel, and this pid namespace (containers on one
+    host each have their own). "" where it cannot be told."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f"{f.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _dead(holder: dict) -> bool:
+    """Whether the holder is a process of this machine (same kernel boot and pid namespace) that has ended: its
+    lease is then free at once, without waiting for it to expire (a driver killed a moment ago, resumed)."""
+    if not holder.get("pids") or holder["pids"] != _pid_space():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+    return False
 
 
 def _held_message(root: str, holder: dict) -> str:
-    since = datetime.fromtimestamp(holder.get("acquired_at", 0), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    return (f"job {root.rsplit('/', 1)[-1]} is already being run by {holder.get('host', '?')} "
-            f"(pid {holder.get('pid', '?')}, since {since} UTC); wait for that run to finish or stop it, "
-            f"then run `reelmend resume` again")
+    def utc(t: float) -> str:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+    message = (f"job {root.rsplit('/', 1)[-1]} is already being run by {holder.get('host', '?')} "
+               f"(pid {holder.get('pid', '?')}, since {utc(holder.get('acquired_at', 0))} UTC); wait for that run "
+               "to finish or stop it, then run `reelmend resume` again")
+    if "renewed_at" in holder:  # an object store's lease: a dead run's lapses
+        message += (f" (if that run is dead, its lease lapses at {utc(holder['renewed_at'] + TTL)} UTC, "
+                    f"{TTL:.0f} s after its last renewal)")
+    return message
 
 
 @contextlib.contextmanager
@@ -162,9 +193,9 @@ def _acquire(root: str, uri: str, me: dict) -> str | None:
         holder = json.loads(raw)
         if holder.get("token") == me["token"]:
             return etag  # our own write, retried after its response was lost
-        if time.time() - holder.get("renewed_at", 0) < TTL:
+        if time.time() - holder.get("renewed_at", 0) < TTL and not _dead(holder):
             raise LeaseHeld(_held_message(root, holder))
-        # Expired: its driver died without releasing it.
+        # Expired, or its driver is a process of this machine that has ended: it died without releasing it.
         if etag is not None:
             # S3: replace exactly the expired version we read. Of two drivers taking it over at once one wins;
             # the other's PUT fails (412) and its next pass finds the winner's fresh lease.

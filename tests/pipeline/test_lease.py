@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 
 import fsspec
@@ -31,6 +32,29 @@ def test_object_store_lease_is_exclusive_released_and_expires(monkeypatch):
     storage.write_bytes(f"{root}/lease", json.dumps({**dead, "renewed_at": time.time() - lease.TTL - 1}).encode())
     with lease.hold(root):
         assert json.loads(storage.read_bytes(f"{root}/lease"))["token"] != "dead"
+
+
+def test_an_object_store_lease_of_a_process_of_this_machine_that_ended_is_taken_at_once():
+    """A driver killed on this machine (SIGKILL: no release) and resumed right away: its lease has not lapsed,
+    but its process is gone, which this machine can tell; a live holder, or one in another pid namespace
+    (another container), keeps its lease until it lapses."""
+    import subprocess
+    import sys
+
+    root = f"memory://leases-{time.time_ns()}/_reelmend/job-b"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True, timeout=60)
+    holder = {"token": "killed", "host": "this", "pid": int(ended.stdout), "pids": lease._pid_space(),
+              "acquired_at": time.time(), "renewed_at": time.time()}
+    storage.write_bytes(f"{root}/lease", json.dumps(holder).encode())
+    with lease.hold(root):
+        assert json.loads(storage.read_bytes(f"{root}/lease"))["token"] != "killed"
+
+    for alive in ({**holder, "pid": os.getpid()}, {**holder, "pids": "another-boot:1"}):
+        storage.write_bytes(f"{root}/lease", json.dumps(alive).encode())
+        with pytest.raises(lease.LeaseHeld, match="lapses at"):
+            with lease.hold(root):
+                pass
 
 
 def test_local_lease_names_the_holder_and_frees_on_exit(tmp_path):
