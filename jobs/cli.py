@@ -102,6 +102,24 @@ STORAGE_HELP = ("fsspec options per protocol as JSON, or @FILE holding it, e.g. 
                 "\"https://...\"}}'; default: the standard environment (AWS_* variables). Never stored.")
 
 
+def _without_credentials(argv: list[str]) -> list[str]:
+    """The command line as a model card records it: an inline --storage-options value (credentials, perhaps)
+    left out; an @FILE stays, as it names only the file."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append(arg if arg.startswith("@") else "<not recorded>")
+            hide = False
+        elif arg == "--storage-options":
+            out.append(arg)
+            hide = True
+        elif arg.startswith("--storage-options=") and not arg.split("=", 1)[1].startswith("@"):
+            out.append("--storage-options=<not recorded>")
+        else:
+            out.append(arg)
+    return out
+
+
 def _storage_options(text: str | None) -> dict:
     if not text:
         return {}
@@ -349,18 +367,23 @@ def status_table(info: dict, limit: int = 0) -> Table:
 
     counts = ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))
     table = Table(title=f"job {info['job_id']} ({info['chain']}): {counts}")
-    table.add_column("video", overflow="fold")
-    for col in ("status", "chunks done", "frames in/out", "duration", "compute"):
+    rows = failed_first(info["videos"])[:limit or None]
+    # names fold only past 40 characters (not letter by letter in a narrow terminal); no reason column when none
+    table.add_column("video", overflow="fold", min_width=min(40, max((len(v["path"]) for v in rows), default=5)))
+    # "chunk time": each chunk's time from its decode's start to its result recorded, summed (queueing included)
+    for col in ("status", "chunks done", "frames in/out", "duration", "chunk time"):
         table.add_column(col, no_wrap=True)
-    table.add_column("reason", overflow="fold", ratio=1)
-    for v in failed_first(info["videos"])[:limit or None]:
+    reasons = any(v["reason"] for v in rows)
+    if reasons:
+        table.add_column("reason", overflow="fold", ratio=1)
+    for v in rows:
         c = v["chunks"]
         total = sum(c.values())
         chunks = f"{c['done']}/{total}" + (f", {c['failed']} failed" if c["failed"] else "") if total else ""
         frames = f"{v['frames_in']}/{v['frames_out'] or '-'}" if v["frames_in"] else ""
         table.add_row(escape(v["path"]), v["status"], chunks, frames,
                       f"{v['duration_s']:.1f} s" if v["duration_s"] else "",
-                      f"{v['compute_s']:.1f} s" if v["compute_s"] else "", escape(v["reason"]))
+                      f"{v['compute_s']:.1f} s" if v["compute_s"] else "", *([escape(v["reason"])] if reasons else []))
     return table
 
 
@@ -429,6 +452,7 @@ def train(
     data_licence: Annotated[Optional[str], typer.Option(help="Licence of the data, for the model card.")] = None,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True, help="Fault drill: kill a worker.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, ray://host:10001, ...")] = None,
+    storage_options: Annotated[Optional[str], typer.Option(help=STORAGE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress: only errors and the result.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Progress, checkpoints and the result as JSON lines on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
@@ -454,7 +478,8 @@ def train(
                                        d_region=d_region),
                          source_scale=source_scale, pool_clips=pool_clips, pool_variants=pool_variants, worker_cpus=worker_cpus, seed=seed,
                          data_licence=data_licence, fail_at_step=fail_at_step,
-                         command=shlex.join(["reelmend", *sys.argv[1:]]))
+                         storage_options=_storage_options(storage_options),
+                         command=shlex.join(["reelmend", *_without_credentials(sys.argv[1:])]))
         return run_training(spec, address=address, progress=progress)
 
     progress = _guarded(lambda: _progress(quiet, jsonl), verbose)

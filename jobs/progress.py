@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
 from pipeline.text import printable
 
@@ -64,12 +64,13 @@ class Progress:
         self._t0, self._done0, self._last_line = time.monotonic(), done, time.monotonic()
         if self.mode == "rich":
             self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=16),
                 TextColumn("{task.completed}/{task.total} " + unit), TextColumn("{task.fields[rate]}"),
-                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
                 console=self.console, transient=False, refresh_per_second=4)
             self._bar.start()
-            self._task = self._bar.add_task(description, total=total, completed=done, rate="", detail=self._detail())
+            self._task = self._bar.add_task(description, total=total, completed=done, rate="", eta="",
+                                            detail=self._detail())
         self._emit(force=True)
 
     def update(self, advance: int = 0, **fields) -> None:
@@ -115,8 +116,11 @@ class Progress:
     def _emit(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.mode == "rich" and self._bar is not None:
+            # The ETA from this run's whole rate, as the plain lines give it (rich's own estimate looks at the last
+            # 30 s only, which on a slow job, one chunk in minutes, never holds an update to estimate from).
             self._bar.update(self._task, completed=self.done, total=self.total,
-                             rate=f"{self.rate():.2f} {self.unit}/s", detail=self._detail())
+                             rate=f"{self.rate():.2f} {self.unit}/s", eta=f"ETA {_duration(self.eta())}",
+                             detail=self._detail())
         elif self.mode in ("plain", "jsonl") and (force or now - self._last_line >= self.every):
             self._last_line = now
             if self.mode == "jsonl":

@@ -16,7 +16,8 @@ from models.chain import STAGES
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected value may hold credentials (storage_options)
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class LossSpec(Frozen):
@@ -47,6 +48,10 @@ class TrainSpec(Frozen):
     stage: str
     data: str = Field(min_length=1)
     out: str = Field(min_length=1)
+    # fsspec options per protocol for DATA, OUT and --init (`--storage-options`): credentials, so never dumped
+    # (nor into checkpoints or cards); the driver and the data tasks configure them, and Ray Train's checkpoint
+    # filesystem is built with them
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True, repr=False)
     arch: str | None = None  # default: the stage's default architecture (models/chain.STAGES)
     arch_args: dict[str, Any] = Field(default_factory=dict)  # overrides of the architecture's defaults
     init: str | None = None  # a weights folder whose fidelity weights start the generator

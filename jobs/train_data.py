@@ -107,8 +107,10 @@ def plan_clips(spec: TrainSpec, infos: dict[str, VideoInfo]) -> tuple[list[dict]
     return train, val, how
 
 
-def decode_clip(row: dict[str, Any], crop: int, source_scale: float) -> dict[str, Any]:
+def decode_clip(row: dict[str, Any], crop: int, source_scale: float, storage_options: dict | None = None
+                ) -> dict[str, Any]:
     """CPU task: decode a clip, downscale it (area) if asked, and keep a random `crop`-sided square of it."""
+    storage.configure(storage_options or {})
     with storage.ffmpeg_input(row["uri"]) as src:
         frames = ffmpeg.decode_frames(src, stream_index=row["stream_index"], seek=row["seek"],
                                       n_frames=row["frames"], width=row["width"], height=row["height"],
@@ -272,7 +274,7 @@ def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, 
     data provenance for the card."""
     media, licences = list_sources(spec.data)
     infos, skipped = {}, []
-    for uri, info in probe_all(media):
+    for uri, info in probe_all(media, spec.storage_options):
         (infos.__setitem__(uri, info) if isinstance(info, VideoInfo) else skipped.append(f"{uri}: {info}"))
     for reason in skipped:
         log(f"skipping {reason}")
@@ -285,7 +287,8 @@ def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, 
 
     def decode(rows: list[dict]) -> np.ndarray:
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
-        ds = ds.map(decode_clip, fn_kwargs={"crop": crop, "source_scale": spec.source_scale}, num_cpus=1)
+        ds = ds.map(decode_clip, fn_kwargs={"crop": crop, "source_scale": spec.source_scale,
+                                            "storage_options": spec.storage_options}, num_cpus=1)
         return np.stack([r["clip"] for r in sorted(ds.take_all(), key=lambda r: r["seed"])])
 
     pool = decode(train_rows)

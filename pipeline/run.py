@@ -55,21 +55,33 @@ def connect(address: str | None) -> None:
     ctx.issue_detectors_config.detectors = []
 
 
+# Where the store is, from the driver's environment: not secret, and a worker elsewhere needs the same to reach it
+# (without, a worker of a cluster the driver joined would read and write AWS itself instead of the store the driver
+# listed). Credentials stay with each node's own environment or instance profile, or come as --storage-options.
+STORE_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 def code_env() -> dict | None:
     """The runtime environment that brings this driver's code to a cluster's workers: the project's packages
     (with the shipped weights), uploaded once per version and put first on the workers' import path, so the
-    workers run exactly the driver's code whatever their image holds. The cluster provides the dependencies
-    (torch, FFmpeg: the image in infra/). None inside a `ray job submit` entrypoint, whose job's runtime
-    environment (`--working-dir`, or the image) already decides, and with REELMEND_SHIP_CODE=0."""
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("REELMEND_SHIP_CODE") == "0":
+    workers run exactly the driver's code whatever their image holds, and the store's `STORE_SETTINGS`. The
+    cluster provides the dependencies (torch, FFmpeg: the image in infra/). None inside a `ray job submit`
+    entrypoint, whose job's runtime environment (`--working-dir`, `--runtime-env-json`, or the image) already
+    decides; REELMEND_SHIP_CODE=0 ships no code."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         return None
-    import jobs
-    import models
-    import pipeline
+    env: dict = {}
+    if settings := {k: os.environ[k] for k in STORE_SETTINGS if os.environ.get(k)}:
+        env["env_vars"] = settings
+    if os.environ.get("REELMEND_SHIP_CODE") != "0":
+        import jobs
+        import models
+        import pipeline
 
-    # paths, not the modules: Ray Client (ray://) pickles the runtime environment
-    return {"py_modules": [os.path.dirname(p.__file__) for p in (pipeline, models, jobs)],
-            "excludes": ["__pycache__", "*.pyc"]}
+        # paths, not the modules: Ray Client (ray://) pickles the runtime environment
+        env.update(py_modules=[os.path.dirname(p.__file__) for p in (pipeline, models, jobs)],
+                   excludes=["__pycache__", "*.pyc"])
+    return env or None
 
 
 def cluster_has_gpus() -> bool:

@@ -187,3 +187,20 @@ def test_ray_job_submit_runs_a_restore_on_the_cluster(tmp_path):
         assert np.array_equal(decode(dest / "clip.mkv"), decode(src / "clip.mkv"))
     finally:
         c.shutdown()
+
+
+def test_workers_of_a_cluster_the_driver_joins_learn_where_the_store_is_but_not_its_credentials(monkeypatch):
+    """A driver told AWS_ENDPOINT_URL (an S3-compatible store) lists that store; its workers on other nodes must
+    read and write the same one, so the runtime environment carries the endpoint and region, never the keys."""
+    from pipeline.run import code_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.archive.example")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-shipped")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    env = code_env()
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "https://s3.archive.example"
+    assert env["env_vars"]["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert "never-shipped" not in str(env) and len(env["py_modules"]) == 3
+    monkeypatch.setenv("REELMEND_SHIP_CODE", "0")
+    assert "py_modules" not in code_env() and code_env()["env_vars"]

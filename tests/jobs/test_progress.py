@@ -4,6 +4,7 @@ and CI (`--jsonl`), or silence (`--quiet`). Real jobs on the session's Ray insta
 from __future__ import annotations
 
 import io
+import re
 import json
 
 from conftest import make_clip
@@ -86,7 +87,8 @@ def test_the_live_bar_shows_counts_rate_and_failures():
     progress.stop()
     text = term.file.getvalue()
     assert "a line above the bar" in text and "60/100 frames" in text and "chunks 3/5, 1 failed" in text
-    assert "frames/s" in text and "ETA" in text
+    assert "frames/s" in text
+    assert re.search(r"ETA \d+:\d\d:\d\d", text)  # an estimate from the run's rate, however slow its updates
 
 
 def test_plain_lines_for_logs_say_where_the_job_is():

@@ -171,3 +171,17 @@ def test_bad_train_specs_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="nothing to resume"):
         run_training(spec(tmp_path, tmp_path / "o", resume=True), log=lambda m: None)
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_train_takes_storage_options_and_records_them_nowhere():
+    """`train --storage-options` as `restore`'s: never in the spec's dump (the checkpoint's and the card's), nor in
+    the command line the card records, unless given as @FILE (a name, not its content)."""
+    from jobs.cli import _without_credentials
+
+    options = {"s3": {"endpoint_url": "http://127.0.0.1:9", "secret": "s3cr3t"}}
+    dumped = spec("s3://b/clean", "s3://b/out", storage_options=options).model_dump()
+    assert "storage_options" not in dumped and "s3cr3t" not in json.dumps(dumped)
+    argv = ["train", "sr2x", "--data", "s3://b/clean", "--storage-options", json.dumps(options)]
+    assert "s3cr3t" not in " ".join(_without_credentials(argv))
+    assert "s3cr3t" not in " ".join(_without_credentials([*argv[:4], f"--storage-options={json.dumps(options)}"]))
+    assert _without_credentials(["--storage-options", "@store.json"]) == ["--storage-options", "@store.json"]
