@@ -26,6 +26,7 @@ console = Console(stderr=True, highlight=False, emoji=False)
 out = Console(highlight=False, emoji=False)
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+_MORE = {False: " (--verbose shows the traceback)", True: ""}  # what an unexpected error's line ends with
 
 
 def escape(text: str) -> str:
@@ -89,13 +90,13 @@ def _guarded(fn, verbose: bool, progress=None):
         console.print("interrupted; `reelmend resume DEST` continues where this stopped")
         raise typer.Exit(130)
     except JobStopped as err:
-        _fail(RuntimeError(f"{err} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
+        _fail(RuntimeError(f"{err}{_MORE[verbose]}"), EXIT_CRASH, verbose, progress)
     except (WeightsError, FileNotFoundError, ValueError, LeaseHeld) as err:
         if raised_in_ray(err):  # a remote ValueError is a failure of the work, not of the command line
-            _fail(RuntimeError(f"{error_line(err)} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
+            _fail(RuntimeError(f"{error_line(err)}{_MORE[verbose]}"), EXIT_CRASH, verbose, progress)
         _fail(err, EXIT_USAGE, verbose, progress)
     except Exception as err:  # noqa: BLE001
-        _fail(RuntimeError(f"{error_line(err)} (--verbose shows the traceback)"), EXIT_CRASH, verbose, progress)
+        _fail(RuntimeError(f"{error_line(err)}{_MORE[verbose]}"), EXIT_CRASH, verbose, progress)
 
 
 STORAGE_HELP = ("fsspec options per protocol as JSON, or @FILE holding it, e.g. '{\"s3\": {\"endpoint_url\": "

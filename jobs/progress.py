@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -145,11 +146,21 @@ class JobStopped(RuntimeError):
 
 def error_line(err: BaseException) -> str:
     """One line for an unexpected error: its type and first line. An error Ray wrapped (a task's, an actor's,
-    a training worker's) is shown as the error raised there: Ray's own text carries the remote traceback."""
+    a training worker's) is shown as the error raised there: Ray's own text carries the remote traceback. Where
+    the error reached is Ray's own (Ray Data's "UserCodeException: UDF failed to process a data block", whose
+    cause stayed on the worker), the cause is the last exception line of that traceback."""
+    outer = err
     while type(err).__module__.split(".")[0] == "ray" and (inner := getattr(err, "cause", None) or err.__cause__):
         err = inner
+    if type(err).__module__.split(".")[0] == "ray" and (causes := _REMOTE_ERROR.findall(str(outer))):
+        return causes[-1]
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+# A traceback's exception line, "KeyError: 'x'" or "pkg.mod.SomeError: message", of an exception not Ray's own
+_REMOTE_ERROR = re.compile(r"^(?!ray\.)(?!UserCodeException|RayTaskError)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*"
+                           r"(?:Error|Exception|Exit|Interrupt|Warning)\b(?:\(\w+\))?: .+)$", re.MULTILINE)
 
 
 def raised_in_ray(err: BaseException) -> bool:

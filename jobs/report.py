@@ -92,6 +92,8 @@ def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str
     where it was written. The table lists the videos (failed first, at most TABLE_ROWS); `videos` of them get
     a section with frames, failed ones first (each costs a few FFmpeg reads, and the page a few hundred kB)."""
     job_id = pick_job(dest, job_id)
+    if out:
+        storage.check_file(out, "--out")
     manifest = Manifest(dest, job_id)
     spec = manifest.read_spec()
     bench = read_quality_file(quality) if quality else None  # a wrong file fails before any FFmpeg work

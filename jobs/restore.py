@@ -144,6 +144,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
     # a missing or bad checkpoint fails before any work starts (a bucket's transient errors are retried)
     storage.retrying(check_weights)(spec.chain, spec.models)
     job_id = spec.resolved_job_id()
+    storage.check_folder(spec.dest, "DEST")
     manifest = Manifest(spec.dest, job_id)
     files = None
     if not manifest.has_plan():  # a new job: a wrong SRC or DEST fails here, before anything is written to DEST

@@ -66,6 +66,7 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     log = progress.log
     run_name = f"train-{spec.stage}"
     storage.configure(spec.storage_options)
+    storage.check_folder(spec.out, "--out")
     checkpoints = storage.join(spec.out, "checkpoints")
     if spec.init:  # a missing or bad --init fails here, not minutes later in every worker
         spec = continue_architecture(spec, load_state(spec.init, spec.stage, "fidelity")[1])

@@ -85,8 +85,8 @@ def load_state(folder: str, stage: str, flavour: str) -> tuple[dict[str, torch.T
         spec = stage if flavour == "fidelity" else f"{stage}:{flavour}"
         raise WeightsError(
             f"no weights for stage '{spec}' in {folder} (expected {name}.safetensors and {name}.json); "
-            f"train them with `reelmend train {stage} --out DIR` and pass `--models DIR`, "
-            f"or use a stage that has weights (`reelmend models`)")
+            f"train them with `reelmend train {stage} --out DIR` and pass that DIR (`--models DIR` to restore, "
+            f"`--init DIR` to train from), or use a stage that has weights (`reelmend models`)")
     with fs.open(path, "rb") as f:
         blob = f.read()
     try:

@@ -118,6 +118,20 @@ def safe_relative(rel: str) -> str:
     return posixpath.join(*parts)
 
 
+def check_folder(uri: str, what: str) -> None:
+    """Refuse a `uri` that names a file where a folder (made if missing) is wanted, before any work."""
+    fs, path = fs_and_path(uri)
+    if fs.isfile(path):
+        raise ValueError(f"{what} {uri} is a file, not a folder: give a folder (it is created if missing)")
+
+
+def check_file(uri: str, what: str) -> None:
+    """Refuse a `uri` that names a folder where a file is to be written, before any work."""
+    fs, path = fs_and_path(uri)
+    if fs.isdir(path):
+        raise ValueError(f"{what} {uri} is a folder: give a file name (e.g. {uri.rstrip('/')}/report.html)")
+
+
 def is_local(uri: str) -> bool:
     return isinstance(fs_and_path(uri)[0], LocalFileSystem)
 

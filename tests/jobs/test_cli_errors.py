@@ -55,6 +55,9 @@ def test_bad_specs_exit_2_and_write_nothing(tmp_path):
     result = run("restore", str(tmp_path / "empty"), str(dest))
     assert result.exit_code == 2 and "no files under" in result.output
     assert not dest.exists()
+    dest.write_bytes(b"not a folder")  # a DEST that is a file: said at once, exit 2
+    result = run("restore", str(src), str(dest))
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
 
 
 def test_a_rejected_spec_never_prints_its_credentials(tmp_path):
@@ -92,12 +95,16 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         (["denoise", "--lr-schedule", "step"], "--lr-schedule: Input should be"),
         (["denoise", "--d-lr", "0"], "--d-lr: Input should be greater than 0"),
         (["denoise", "--init", str(tmp_path / "nowhere")], "no weights for stage 'denoise'"),
+        (["denoise", "--init", str(tmp_path / "nowhere")], "`--init DIR` to train from"),
     ]
     for extra, message in cases:
         result = run("train", *extra, "--data", str(tmp_path), "--out", str(out))
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
         assert not out.exists()
+    out.write_bytes(b"a file")
+    result = run("train", "denoise", "--data", str(tmp_path), "--out", str(out))
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
 
 
 def test_train_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):

@@ -98,3 +98,19 @@ def test_plain_lines_for_logs_say_where_the_job_is():
     progress.update(advance=4, phase="gan")
     progress.stop()
     assert said[0].startswith("0/10 steps (0%)") and "4/10 steps (40%)" in said[-1] and said[-1].endswith("gan")
+
+
+def test_an_error_in_a_ray_data_stage_is_named_by_its_cause(ray_address):
+    """Ray Data hands the driver "UserCodeException: UDF failed to process a data block", the cause left on the
+    worker: the one line a user sees names the cause from the remote traceback."""
+    import pytest
+    import ray
+
+    from jobs.progress import error_line
+
+    def stage(row):
+        raise KeyError("the real cause")
+
+    with pytest.raises(Exception) as err:
+        ray.data.range(1).map(stage).take_all()
+    assert error_line(err.value) == "KeyError: 'the real cause'"
