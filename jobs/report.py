@@ -13,6 +13,7 @@ text that comes from a file (names, reasons, codecs, tags) goes through `esc`: a
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import os
@@ -34,7 +35,8 @@ CROP = (240, 160)  # the zoomed crop: at most this many output pixels from the f
 JPEG_QUALITY = "2"
 
 CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; background: #fff; max-width: 1400px; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
+p, .note { max-width: 1100px; }
 h1 { font-size: 22px; margin: 0 0 8px; } h2 { font-size: 18px; margin: 32px 0 8px; border-bottom: 1px solid #ccc; }
 h3 { font-size: 15px; margin: 18px 0 6px; }
 table { border-collapse: collapse; margin: 6px 0 12px; } td, th { border: 1px solid #ddd; padding: 3px 8px;
@@ -42,6 +44,7 @@ table { border-collapse: collapse; margin: 6px 0 12px; } td, th { border: 1px so
 .done { color: #186a18; } .failed { color: #b00020; } .pending { color: #a06000; }
 .note { color: #555; } .reason { color: #b00020; font-family: ui-monospace, monospace; }
 .pair { display: flex; gap: 8px; flex-wrap: wrap; align-items: flex-start; }
+.sbs { display: flex; gap: 8px; align-items: flex-start; } .sbs figure { flex: 0 1 auto; min-width: 0; }
 figure { margin: 0 0 10px; } figcaption { font-size: 12px; color: #555; }
 img { display: block; max-width: 100%; height: auto; }
 img.zoom { image-rendering: pixelated; }
@@ -53,6 +56,9 @@ img.zoom { image-rendering: pixelated; }
 # Dragging the slider uncovers the restored frame from the right: the "after" image lies over the "before"
 # one and is clipped from its left edge to the slider's position.
 SLIDER_JS = "this.parentNode.querySelector('img.after').style.clipPath='inset(0 0 0 '+this.value+'%)'"
+# The slider shows the side-by-side pair's two frames again: each is in the page once, and copied here on load.
+COPY_JS = ("<script>for (const i of document.querySelectorAll('img[data-copy]')) "
+           "i.src = document.getElementById(i.dataset.copy).src;</script>")
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -61,6 +67,7 @@ PAGE = """<!doctype html>
 <style>{css}</style></head>
 <body>
 {body}
+{script}
 </body></html>
 """
 
@@ -114,7 +121,7 @@ def write_report(dest: str, job_id: str | None, *, out: str | None, quality: str
         *(video_section(i, status["videos"][i], plan[status["videos"][i]["video_id"]],
                         by_video.get(status["videos"][i]["video_id"], []), samples) for i in shown),
     ]
-    page = PAGE.format(title=esc(job_id), css=CSS, body="\n".join(body))
+    page = PAGE.format(title=esc(job_id), css=CSS, body="\n".join(body), script=COPY_JS)
     uri = out or storage.join(manifest.root, "report.html")
     storage.write_bytes(uri, page.encode())
     return uri if "://" in uri else os.path.abspath(uri)
@@ -425,9 +432,11 @@ def grab(src: str, info: VideoInfo, at: float, size: tuple[int, int], crop: tupl
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
-def img(uri: str, alt: str, size: tuple[int, int], cls: str = "", zoom: int = 1) -> Html:
-    return Html(f'<img src="{uri}" alt="{esc(alt)}" width="{size[0] * zoom}" height="{size[1] * zoom}"'
-                + (f' class="{cls}"' if cls else "") + ">")
+def img(uri: str, alt: str, size: tuple[int, int], cls: str = "", zoom: int = 1, ident: str = "") -> Html:
+    """An image from a data URI, or (`uri` "#id") a copy of the page's image with that id, made on load."""
+    source = f'data-copy="{uri[1:]}"' if uri.startswith("#") else f'src="{uri}"'
+    return Html(f'<img {source} alt="{esc(alt)}" width="{size[0] * zoom}" height="{size[1] * zoom}"'
+                + (f' class="{cls}"' if cls else "") + (f' id="{ident}"' if ident else "") + ">")
 
 
 def figure(content: str, caption: str) -> Html:
@@ -441,18 +450,22 @@ def comparisons(source_uri: str, source: VideoInfo, output_uri: str, output: Vid
     shown = display_size(*full)
     crop = (min(CROP[0], full[0]), min(CROP[1], full[1]))
     parts = ["<h4>Before and after</h4>"]
+    scaled = f", shown at {shown[0]}x{shown[1]}" if shown != full else ""
     with storage.ffmpeg_input(source_uri) as src, storage.ffmpeg_input(output_uri) as dst:
         for k, at in sample_times(source, samples):
             before, after = grab(src, source, at, shown), grab(dst, output, at, shown)
             zoom_before, zoom_after = grab(src, source, at, full, crop), grab(dst, output, at, full, crop)
             when = f"at {at:.3f} s (source frame {k})"
+            ident = "f" + hashlib.sha256(f"{output_uri}\0{k}".encode()).hexdigest()[:12]  # unique in the page
             parts.append(f"<h4>{esc(when)}</h4>")
-            parts.append('<div class="pair">'
-                         + figure(img(before, f"source {when}", shown, "before"),
-                                  f"source, scaled to {shown[0]}x{shown[1]}")
-                         + figure(img(after, f"restored {when}", shown, "after"), f"restored, {shown[0]}x{shown[1]}")
-                         + slider(before, after, shown)
+            parts.append('<div class="sbs">'
+                         + figure(img(before, f"source {when}", shown, "before", ident=f"{ident}b"),
+                                  f"source {source.width}x{source.height}, scaled to the output's {full[0]}x{full[1]}"
+                                  + scaled)
+                         + figure(img(after, f"restored {when}", shown, "after", ident=f"{ident}a"),
+                                  f"restored {full[0]}x{full[1]}{scaled}")
                          + "</div>")
+            parts.append(slider(f"#{ident}b", f"#{ident}a", shown))
             parts.append('<div class="pair">'
                          + figure(img(zoom_before, "source, centre crop", crop, "zoom", 2),
                                   f"source, centre {crop[0]}x{crop[1]} of the output size, 2x")

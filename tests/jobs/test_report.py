@@ -98,6 +98,8 @@ def test_cli_writes_the_page_beside_the_manifest_and_names_it(job, tmp_path):
     assert str(elsewhere) in result.output and elsewhere.read_text().startswith("<!doctype html>")
     # one sample: side by side, slider and crop, two images each; and one source frame of the undecodable video
     assert elsewhere.read_text().count("<img ") == 6 + 1
+    folder = cli("report", job.dest, "--out", str(tmp_path / "pages"))  # a folder is not a page's name
+    assert folder.exit_code == 2 and "is a folder: give a file name" in folder.output
 
 
 def test_videos_limits_the_detailed_sections_failed_ones_first(job, tmp_path):
@@ -195,7 +197,12 @@ def test_the_page_is_self_contained_and_shows_the_failure_as_text(job):
     assert "Signature" not in page and os.environ["AWS_SECRET_ACCESS_KEY"] not in page
     images = re.findall(r"<img\b[^>]*>", page)
     assert len(images) == SAMPLES * 6 + 1
-    for tag in images:
+    # each frame is in the page once: the slider's two images copy the side-by-side pair's on load
+    copies = [tag for tag in images if "data-copy=" in tag]
+    assert len(copies) == SAMPLES * 2
+    ids = set(re.findall(r'\bid="([^"]+)"', page))
+    assert all(re.search(r'data-copy="([^"]+)"', tag).group(1) in ids for tag in copies)
+    for tag in (t for t in images if t not in copies):
         data = re.search(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', tag)
         assert data, tag[:120]
         assert base64.b64decode(data.group(1))[:3] == b"\xff\xd8\xff"  # a JPEG
@@ -265,8 +272,10 @@ def test_chromium_draws_the_sample_frames(job, tmp_path):
                           f"select=eq(n\\,{FIRST}),scale=452:192:flags=lanczos", "-frames:v", "1", "-pix_fmt", "rgb24",
                           "-f", "rawvideo", "pipe:1"], check=True, capture_output=True, timeout=60).stdout
     before = np.frombuffer(raw, np.uint8).reshape(192, 452, 3)
-    assert best_match(screen, grey(before)) > 0.98
-    assert best_match(screen, grey(output[2 * FIRST])) > 0.98
+    (score_before, (y_before, x_before)), (score_after, (y_after, x_after)) = (
+        match(screen, grey(before)), match(screen, grey(output[2 * FIRST])))
+    assert score_before > 0.98 and score_after > 0.98
+    assert abs(y_before - y_after) <= 2 and x_after >= x_before + 452  # side by side, on one row
     # the zoomed crop: the output's centre 240x160 at 2x, pixel for pixel
     centre = grey(output[2 * FIRST][16:176, 106:346]).repeat(2, axis=0).repeat(2, axis=1)
     assert best_match(screen, centre) > 0.98
@@ -274,13 +283,44 @@ def test_chromium_draws_the_sample_frames(job, tmp_path):
     assert best_match(screen, grey(output[2 * FIRST + 8])) < 0.95
 
 
+def test_in_a_narrow_window_the_pair_shrinks_side_by_side_and_the_slider_shows_both_frames(job, tmp_path):
+    """Laid out by Chromium in a window narrower than the two frames: before and after stay on one row, shrunk to
+    fit, and the slider's images (copies made on load) are decoded frames."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("REELMEND_REQUIRE_CHROMIUM", "") not in ("", "0"):
+            pytest.fail("chromium is not on PATH but REELMEND_REQUIRE_CHROMIUM is set: `make chromium` installs it")
+        pytest.skip("chromium is not installed (`make test` installs it and requires it)")
+    probe = ("<script>window.addEventListener('load', () => { const r = i => { const b = i.getBoundingClientRect(); "
+             "return [b.top, b.left, b.width, i.naturalWidth]; }; document.title = JSON.stringify({"
+             "before: r(document.querySelector('.sbs img.before')), after: r(document.querySelector('.sbs img.after')),"
+             "copies: [...document.querySelectorAll('img[data-copy]')].map(i => i.naturalWidth)}); });</script>")
+    page = tmp_path / "page.html"
+    page.write_text(job.page.read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--force-device-scale-factor=1",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=700,1200",
+                          "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom",
+                          page.as_uri()], check=True, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HOME": str(tmp_path)}).stdout
+    laid = json.loads(html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1)))
+    (top_b, left_b, width_b, natural_b), (top_a, left_a, width_a, _) = laid["before"], laid["after"]
+    assert abs(top_b - top_a) < 1 and left_a > left_b + width_b - 1  # one row
+    assert width_b < natural_b == 452 and abs(width_a - width_b) < 1  # shrunk alike to fit 700 px
+    assert len(laid["copies"]) == SAMPLES * 2 and all(w == 452 for w in laid["copies"])
+
+
 def grey(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
 
 
 def best_match(image: np.ndarray, template: np.ndarray) -> float:
-    """The highest normalised cross-correlation of `template` at any position in `image` (J. P. Lewis, "Fast
-    normalized cross-correlation", 1995: correlation by FFT, window energies from summed-area tables)."""
+    return match(image, template)[0]
+
+
+def match(image: np.ndarray, template: np.ndarray) -> tuple[float, tuple[int, int]]:
+    """The highest normalised cross-correlation of `template` at any position in `image`, and that position (y, x)
+    (J. P. Lewis, "Fast normalized cross-correlation", 1995: correlation by FFT, window energies from summed-area
+    tables)."""
     ih, iw = image.shape
     th, tw = template.shape
     t = template - template.mean()
@@ -295,7 +335,9 @@ def best_match(image: np.ndarray, template: np.ndarray) -> float:
     n = th * tw
     energy = window_sums(image**2) - window_sums(image) ** 2 / n
     ncc = corr / np.sqrt(np.maximum(energy, 1e-9) * (t**2).sum())
-    return float(ncc[energy > 1e-3 * n].max())  # the flat page background has no texture to correlate
+    ncc[energy <= 1e-3 * n] = -1.0  # the flat page background has no texture to correlate
+    y, x = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return float(ncc[y, x]), (int(y), int(x))
 
 
 def test_a_quality_file_is_tabled_with_where_it_came_from(job, tmp_path):
