@@ -178,6 +178,12 @@ def _report(result, progress) -> None:
             line += f": {escape(v.reason)}"
         out.print(line, soft_wrap=True)
     done = sum(v.status == "done" for v in result.videos)
+    if result.already_done:
+        failed = sum(v.status == "failed" for v in result.videos)
+        out.print(f"nothing left to do: {done} of {len(result.videos)} video(s) were restored before this run"
+                  + (f", {failed} failed (`reelmend status {escape(result.manifest_uri.rsplit('/_reelmend', 1)[0])}`"
+                     " says why)" if failed else "") + f"; manifest: {escape(result.manifest_uri)}", soft_wrap=True)
+        return
     out.print(f"{done}/{len(result.videos)} video(s) restored in {result.seconds:.1f} s "
               f"({result.frames_in} source frames this run, {fps:.1f} frames/s); manifest: "
               f"{escape(result.manifest_uri)}",

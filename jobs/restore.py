@@ -57,6 +57,7 @@ class JobResult:
     frames_in: int = 0
     seconds: float = 0.0
     planned: dict | None = None  # --plan-only: what the plan holds (`plan_summary`); nothing was run
+    already_done: bool = False  # this run had nothing to do: no chunk to run, no video to stitch
 
     @property
     def exit_code(self) -> int:
@@ -256,13 +257,26 @@ def _agree_with_stored(spec: JobSpec, manifest: Manifest) -> JobSpec:
         return spec
     stored = manifest.read_spec()
     if stored.shaping() != spec.shaping():
-        raise ValueError(f"job {manifest.job_id} under {spec.dest} was planned with other options; "
-                         "use another --job-id or the same options")
+        raise ValueError(f"job {manifest.job_id} under {spec.dest} was planned with other options "
+                         f"({differences(stored.shaping(), spec.shaping())}); use another --job-id or the same "
+                         "options")
     if "max_attempts" not in spec.model_fields_set:  # a re-run `restore` keeps the budget a resume set
         return spec.model_copy(update={"max_attempts": stored.max_attempts})
     if spec.max_attempts != stored.max_attempts:
         manifest.write_spec(spec)
     return spec
+
+
+def differences(planned: dict, given: dict, within: str = "") -> str:
+    """What differs between two specs' shaping dicts, as "crf: 18 planned, 20 given" (nested: "encode.crf")."""
+    out = []
+    for key in sorted(set(planned) | set(given)):
+        a, b = planned.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [differences(a, b, f"{within}{key}.")] if a != b else []
+        elif a != b:
+            out.append(f"{within}{key}: {a!r} planned, {b!r} given")
+    return "; ".join(out)
 
 
 def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress, held: lease.Lease,
@@ -285,10 +299,13 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
         result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal, failed)
         return result
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
+    stitched_before = {vid for (vid, idx), s in manifest.chunk_states().items() if idx < 0 and s.status == "done"}
     result.chunks_run, result.frames_in = _run_chunks(spec, manifest, plan, scale, temporal, progress, held)
     held.check()
     _stitch_ready(spec, manifest, plan, temporal, log, held)
     result.videos = summarize(manifest, plan, spec.max_attempts)
+    result.already_done = not result.chunks_run and all(v.video_id in stitched_before for v in result.videos
+                                                         if v.status == "done")
     return result
 
 

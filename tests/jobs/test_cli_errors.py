@@ -145,3 +145,15 @@ def test_resume_refuses_a_dest_that_was_moved(tmp_path, monkeypatch):
     result = run("resume", "moved")
     assert result.exit_code == 2 and f"was made for DEST {tmp_path / 'out'}" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_id_given_again_with_other_options_says_which_differ(tmp_path, ray_address):
+    src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    dest = tmp_path / "out"
+    planned = run("restore", str(src), str(dest), "--job-id", "mine", "--crf", "18", "--plan-only")
+    assert planned.exit_code == 0, planned.output
+    again = run("restore", str(src), str(dest), "--job-id", "mine", "--crf", "20", "--chain", "identity")
+    assert again.exit_code == 2
+    said = " ".join(again.output.split())
+    assert "planned with other options" in said and "encode.crf: 18 planned, 20 given" in said, said
+    assert "chain:" not in said  # identity is the default chain: no difference there

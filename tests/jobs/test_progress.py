@@ -56,6 +56,10 @@ def test_jsonl_reports_every_chunk_progress_to_the_end_and_the_result(ray_addres
     quiet = runner.invoke(app, ["resume", str(dest), "--quiet"], catch_exceptions=False)
     assert quiet.exit_code == 3 and quiet.stdout == ""
     assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()] and "broken.mp4" in quiet.stderr
+    # plain: a run with nothing left to do says so
+    plain = runner.invoke(app, ["resume", str(dest)], catch_exceptions=False)
+    assert "nothing left to do: 1 of 2 video(s) were restored before this run, 1 failed" in " ".join(
+        plain.stdout.split()), plain.stdout
 
     # status: a table per job with frames, duration and compute time; the same as JSON for scripts
     table = runner.invoke(app, ["status", str(dest)], catch_exceptions=False)
