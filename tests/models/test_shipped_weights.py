@@ -54,7 +54,7 @@ def test_denoise_removes_real_noise(clean):
 
 def test_deblock_repairs_h264_at_crf_37(clean):
     # The shipped deblock gains least on panning footage like this crop (+0.11 dB; +0.45 over the input in the
-    # quality bench, mostly static clips: README), but it must gain: the untrained (identity) network scores +0.00.
+    # quality bench, mostly static clips: docs/MODELS.md), but it must gain: the untrained (identity) network scores +0.00.
     blocky = ffmpeg.codec_roundtrip(clean, "h264", 37)
     assert psnr(_restore("deblock", blocky), clean) > psnr(blocky, clean) + 0.05
 
@@ -80,5 +80,5 @@ def test_interp2x_beats_averaging_the_neighbours(clean):
     made, truth = out[1:-1:2], clean[1::2]
     average = ((kept[:-1].astype(np.uint16) + kept[1:]) // 2).astype(np.uint8)
     # This crop moves fast (the average of the neighbours scores 19.4 dB): the shipped interpolator gains +0.15 dB
-    # here (+1.07 on the held-out clips, README), and a network whose flows went wrong would fall below the average.
+    # here (+1.07 on the held-out clips, docs/MODELS.md), and a network whose flows went wrong would fall below the average.
     assert psnr(made, truth) > psnr(average, truth) + 0.05
