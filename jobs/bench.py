@@ -108,9 +108,13 @@ def sequential(chain: str, paths: list[Path], out: Path, threads: int, chunk: in
         for path in paths:
             info = probe(str(path))
             w, h = info.width, info.height
-            reader = subprocess.Popen([*ffmpeg.BASE, "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            reader = subprocess.Popen([*ffmpeg.BASE, *ffmpeg.input_args(str(path)), "-i", str(path), "-f", "rawvideo",
+                                       "-pix_fmt", "rgb24", "pipe:1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             writer = None
+            # the pipes have no timeout of their own: a watchdog ends both FFmpegs of a run that hangs
+            watchdog = threading.Timer(ffmpeg.work_timeout(info.n_frames, w * h, seconds_per_mpx=30.0),
+                                       lambda: [p.kill() for p in (reader, writer) if p is not None])
+            watchdog.start()
             while raw := reader.stdout.read(w * h * 3 * chunk):
                 frames = np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
                 restored = net.run(frames)
@@ -126,7 +130,9 @@ def sequential(chain: str, paths: list[Path], out: Path, threads: int, chunk: in
                 n += len(frames)
             reader.wait(timeout=60)
             writer.stdin.close()
-            if writer.wait(timeout=600) != 0 or reader.returncode != 0:
+            code = writer.wait(timeout=600)
+            watchdog.cancel()
+            if code != 0 or reader.returncode != 0:
                 raise RuntimeError(f"the sequential baseline's FFmpeg failed on {path}")
         return n / (time.perf_counter() - started)
     finally:
