@@ -236,6 +236,9 @@ def restore(
     deinterlace: Annotated[bool, typer.Option(
         help="Make interlaced sources (as the probe finds them) progressive before the chain (bwdif, one frame "
              "per frame), so the models see whole frames, not woven fields; progressive ones are untouched.")] = False,
+    double_rate: Annotated[bool, typer.Option(
+        help="With --deinterlace: a frame of each field (50i becomes 50p, keeping all the motion the fields caught) "
+             "instead of one per frame (50i becomes 25p).")] = False,
     conceal_damage: Annotated[bool, typer.Option(
         help="Frames the decoder cannot produce (damaged packets, a capture cut mid-GOP) repeat the decoded frame "
              "before them, and status names them, instead of failing the video (which still fails when more than half "
@@ -270,7 +273,7 @@ def restore(
                                  encode_cpus=encode_cpus, cpu_resource=cpu_resource)
         given = {"max_attempts": max_attempts} if max_attempts is not None else {}  # unset: 3, or the job's
         spec = JobSpec(src=src, dest=dest, chain=chain, models=models, job_id=job_id, chunk_frames=chunk_frames,
-                       conceal_damage=conceal_damage, deinterlace=deinterlace,
+                       conceal_damage=conceal_damage, deinterlace=deinterlace, double_rate=double_rate,
                        include=tuple(include or ()), exclude=tuple(exclude or ()),
                        encode=EncodeSpec(codec=codec, crf=crf, lossless=lossless), resources=resources,
                        storage_options=_storage_options(storage_options), **given)

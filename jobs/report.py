@@ -164,6 +164,7 @@ def _options(spec: JobSpec) -> str:
     parts = [f"--include {' '.join(spec.include)}"] if spec.include else []
     parts += [f"--exclude {' '.join(spec.exclude)}"] if spec.exclude else []
     parts += ["--deinterlace"] if spec.deinterlace else []
+    parts += ["--double-rate"] if spec.double_rate else []
     parts += ["--conceal-damage"] if spec.conceal_damage else []
     return " ".join(parts)
 

@@ -296,7 +296,8 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
     if plan_only:
         result.videos = summarize(manifest, plan, spec.max_attempts)
         failed = {v.video_id for v in result.videos if v.status == "failed"}
-        result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal, failed)
+        result.planned = plan_summary(plan, manifest.chunk_states(), scale, temporal, failed,
+                                      lambda row: _fields_per_frame(spec, row))
         return result
     storage.clean_staging(manifest.root)  # leftovers of a run that was killed (the lease keeps runs apart)
     stitched_before = {vid for (vid, idx), s in manifest.chunk_states().items() if idx < 0 and s.status == "done"}
@@ -309,19 +310,22 @@ def _run_job(spec: JobSpec, job_id: str, manifest: Manifest, progress: Progress,
     return result
 
 
-def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int, failed: set[str]) -> dict:
+def plan_summary(plan: list[dict], states: dict, scale: int, temporal: int, failed: set[str],
+                 per_frame: Callable[[dict], int] = lambda row: 1) -> dict:
     """What is left to do in a plan: videos, chunks, source frames and seconds, the largest output frame.
-    `failed`: the videos that cannot be restored (a probe failure, or attempts used up)."""
+    `failed`: the videos that cannot be restored (a probe failure, or attempts used up); `per_frame`: frames
+    made of each source frame of a row's video before the chain (`_fields_per_frame`)."""
     finished = failed | {vid for (vid, idx), s in states.items() if idx < 0 and s.status == "done"}
     todo = [r for r in plan if r["chunk_index"] >= 0 and r["video_id"] not in finished
             and states.get((r["video_id"], r["chunk_index"]), NO_EVENTS).status != "done"]
     videos = {r["video_id"]: r for r in todo}
+    made = {vid: per_frame(r) for vid, r in videos.items()}  # (one probe to read per video, not per chunk)
     return {
         "videos": len(videos),
         "chunks": len(todo),
         "frames": sum(map(_own_frames, todo)),
         "seconds": round(sum(_own_frames(r) * r["fps_den"] / r["fps_num"] for r in todo), 3),
-        "output_frames": sum(map(_own_frames, todo)) * temporal,
+        "output_frames": sum(_own_frames(r) * made[r["video_id"]] for r in todo) * temporal,
         "largest_output": max(((r["width"] * scale, r["height"] * scale) for r in videos.values()),
                               key=lambda wh: wh[0] * wh[1], default=(0, 0)),
         "cannot_restore": len(failed),
@@ -406,6 +410,11 @@ def _run_chunks(spec: JobSpec, manifest: Manifest, plan: list[dict], scale: int,
             with contextlib.suppress(Exception):  # the connection may be gone with what is being raised
                 ray.kill(tries)
     return chunks, frames
+
+
+def _fields_per_frame(spec: JobSpec, row: dict) -> int:
+    """Frames made of each source frame of the row's video before the chain (2: an interlaced one, double rate)."""
+    return spec.fields_per_frame(VideoInfo.model_validate_json(row["probe_json"]).parity) if spec.double_rate else 1
 
 
 def retry_delay(wave: list[dict], states: dict) -> float:
@@ -500,7 +509,8 @@ def _stitch_ready(spec: JobSpec, manifest: Manifest, plan: list[dict], temporal:
                          # a variable-rate video's segments each last exactly their chunk's span of the source
                          "durations": ([json.loads(r["chunk_times"])[-1] for r in rows]
                                        if all(r.get("chunk_times") for r in rows) else None),
-                         "expected_frames": first["n_frames"] * temporal, "staging_near": manifest.root,
+                         "expected_frames": first["n_frames"] * temporal * _fields_per_frame(spec, first),
+                         "staging_near": manifest.root,
                          "deinterlaced": spec.deinterlace}
         if undecodable:
             held.check()

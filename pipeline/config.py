@@ -84,6 +84,9 @@ class JobSpec(Frozen):
     # see whole progressive frames, not two fields woven (combing, which super-resolution would enlarge). Off:
     # interlaced frames are restored woven, as stored, and the output keeps their field order.
     deinterlace: bool = False
+    # With `deinterlace`: one frame per field (bwdif's send_field: 50i becomes 50p, all the motion the fields
+    # caught), instead of one per frame (50i becomes 25p). Interlaced videos then have twice the frames.
+    double_rate: bool = False
     # Which files under SRC are inputs: shell globs over the path below SRC ("*" crosses folders, as in
     # `aws s3 cp --exclude`), matched without regard to case (cameras write .MOV, people type .mov). A file is
     # an input when it matches an `include` (none given: every file) and no `exclude`.
@@ -110,6 +113,21 @@ class JobSpec(Frozen):
     def _known_stages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         parse_chain(value)  # raises ValueError naming the unknown stage
         return value
+
+    @model_validator(mode="after")
+    def _double_rate_deinterlaces(self) -> JobSpec:
+        if self.double_rate and not self.deinterlace:
+            raise ValueError("--double-rate makes a frame of each field of what --deinterlace deinterlaces: "
+                             "give both")
+        if self.double_rate and self.conceal_damage:
+            raise ValueError("--double-rate and --conceal-damage do not go together yet (a concealed frame's "
+                             "place among fields is not tracked); restore such sources with one of them")
+        return self
+
+    def fields_per_frame(self, parity: str | None) -> int:
+        """Output frames per source frame before the chain: 2 for an interlaced video (`parity`) made double
+        rate, else 1."""
+        return 2 if self.double_rate and self.deinterlace and parity else 1
 
     @field_validator("include", "exclude")
     @classmethod
@@ -168,7 +186,7 @@ class JobSpec(Frozen):
         """What shapes the outputs: a job is these. (The options added since the first jobs only when set, so the
         ids of jobs made before them stay the same.)"""
         shaping = self.model_dump(include={"src", "dest", "chain", "models", "chunk_frames", "encode"})
-        added = self.model_dump(include={"conceal_damage", "deinterlace", "include", "exclude"},
+        added = self.model_dump(include={"conceal_damage", "deinterlace", "double_rate", "include", "exclude"},
                                  exclude_defaults=True)
         return {**shaping, **added}
 

@@ -394,7 +394,8 @@ def chunk_window(src: str, stream_index: int, seek: float, n_frames: int) -> Win
 
 
 def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: int, width: int, height: int,
-                  high_depth: bool, matrix: str, full_range: bool | None, deinterlace: str | None = None) -> np.ndarray:
+                  high_depth: bool, matrix: str, full_range: bool | None, deinterlace: str | None = None,
+                  per_field: bool = False) -> np.ndarray:
     """Decode exactly `n_frames` frames as RGB, starting at the first frame at or after `seek` seconds
     (relative to the file's start): FFmpeg seeks to the keyframe before it (`chunk_window`), decodes from there
     and keeps the frames from the first at or after `seek` to the chunk's last, by timestamp (in AVI, by count).
@@ -407,9 +408,10 @@ def decode_frames(src: str, *, stream_index: int, seek: float | None, n_frames: 
     `deinterlace` ("tff" or "bff", the field order): each woven frame becomes a progressive one (`bwdif`, one
     frame out per frame in), from its own fields and its neighbours'. The first and last frames decoded have
     one neighbour only: a caller that wants frames as a whole-video deinterlace gives them decodes one frame
-    more on each side and drops it (`stages.decode_chunk`)."""
-    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range, deinterlace)
-    frames = np.empty((n_frames, height, width, 3), dtype=cmd.dtype)
+    more on each side and drops it (`stages.decode_chunk`). `per_field`: a progressive frame of each field instead
+    (bwdif's send_field, first field first), two frames per frame decoded."""
+    cmd = _decode_command(src, stream_index, seek, n_frames, high_depth, matrix, full_range, deinterlace, per_field)
+    frames = np.empty((cmd.frames_out, height, width, 3), dtype=cmd.dtype)
     run([*cmd.args, *cmd.output_args, "-f", "rawvideo", "pipe:1"], stdout_into=frames,
         timeout=cmd.timeout(width * height), what=f"decoding {n_frames} frames failed")
     return frames
@@ -424,13 +426,14 @@ class _Decode:
     n_frames: int
     frames_before: int  # frames decoded before the chunk's first (for the timeout)
     dtype: type
+    frames_out: int  # the frames it writes: n_frames, or twice that made one per field
 
     def timeout(self, pixels: int) -> float:
-        return work_timeout(self.n_frames + self.frames_before, pixels)
+        return work_timeout(self.frames_out + self.frames_before, pixels)
 
 
 def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: int, high_depth: bool, matrix: str,
-                    full_range: bool | None, deinterlace: str | None = None) -> _Decode:
+                    full_range: bool | None, deinterlace: str | None = None, per_field: bool = False) -> _Decode:
     pix_fmt, dtype = ("rgb48le", np.uint16) if high_depth else ("rgb24", np.uint8)
     rng = "auto" if full_range is None else ("full" if full_range else "limited")
     seek = seek if seek is not None and seek > 0 else 0.0
@@ -467,11 +470,12 @@ def _decode_command(src: str, stream_index: int, seek: float | None, n_frames: i
     if deinterlace:
         # Bob Weaver (FFmpeg's best deinterlacer), every frame (the probe says the stream is interlaced; frames are
         # not always flagged), in the field order the probe found.
-        cut += f"bwdif=mode=send_frame:parity={deinterlace}:deint=all,"
-    output = ["-map", f"0:{stream_index}", "-frames:v", str(n_frames), "-fps_mode", "passthrough",
+        cut += f"bwdif=mode={'send_field' if per_field else 'send_frame'}:parity={deinterlace}:deint=all,"
+    frames_out = n_frames * (2 if deinterlace and per_field else 1)
+    output = ["-map", f"0:{stream_index}", "-frames:v", str(frames_out), "-fps_mode", "passthrough",
               "-vf", f"{cut}scale=in_color_matrix={matrix}:in_range={rng}:flags=accurate_rnd+full_chroma_int",
               "-pix_fmt", pix_fmt]
-    return _Decode(args, output, cut, window, n_frames, frames_before, dtype)
+    return _Decode(args, output, cut, window, n_frames, frames_before, dtype, frames_out)
 
 
 # What FFmpeg logs when reading stopped for a reason other than the file's content (a connection, a disk, an

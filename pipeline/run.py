@@ -225,7 +225,7 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     # A decode task holds its frames, and FFmpeg's pipe buffer: declared so Ray never packs more decodes on a
     # node than its memory holds. (Declaring it also keeps decode out of the restore actors: Ray Data fuses a
     # task stage into the next actor stage when their resources are equal, which would serialise the two.)
-    decode_bytes = max(frame_bytes(t) for t in tasks)
+    decode_bytes = max(frame_bytes(t) for t in tasks) * (2 if spec.double_rate else 1)  # (a frame per field)
     # Frames in flight are bounded by a few chunks per restore actor, not by the length of the archive: left
     # alone, Ray Data lets fast decoders run ahead into a large share of the object store.
     chunk_bytes = decode_bytes * (1 + scale * scale * temporal)
@@ -237,7 +237,8 @@ def restore_dataset(tasks: list[dict], spec: JobSpec, scale: int, temporal: int,
     options = spec.storage_options  # passed as arguments, never through environment variables Ray displays
     _, _, context = chain_geometry(parse_chain(spec.chain))
     ds = ds.map(decode_chunk, fn_kwargs={"storage_options": options, "tries": tries, "conceal": spec.conceal_damage,
-                                         "deinterlace": spec.deinterlace, "context": context},
+                                         "deinterlace": spec.deinterlace, "double_rate": spec.double_rate,
+                                         "context": context},
                 num_cpus=res.decode_cpus,
                 memory=decode_memory(decode_bytes), resources=res.cpu_task_resources())
     # restore: an actor pool that holds the chain (GPU when the cluster has one) -> the chunk's own frames

@@ -65,7 +65,8 @@ def _failed(row: dict[str, Any], kind: str, err: BaseException | str) -> dict[st
 
 
 def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conceal: bool = False,
-                 deinterlace: bool = False, context: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+                 deinterlace: bool = False, double_rate: bool = False, context: tuple[int, int] = (0, 0)
+                 ) -> dict[str, Any]:
     """CPU task: decode the chunk's frames with context, [decode_start, decode_end), as RGB (16-bit for
     sources deeper than 8 bits). `conceal`: frames the decoder cannot produce repeat a neighbour
     (`ffmpeg.decode_frames_concealing`); the chunk's own ones are counted in `frames_concealed` and listed,
@@ -73,10 +74,13 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
 
     `deinterlace` (an interlaced source): the plan decodes one frame more on each side than the chain's
     `context` needs, where the video has one, for the deinterlacer to see the neighbours a whole-video
-    deinterlace would; those are dropped here, so the chain gets exactly its window."""
+    deinterlace would; those are dropped here, so the chain gets exactly its window. With `double_rate`, each
+    field becomes a frame: the chain gets two frames per source frame, and the row says so (`fields_per_frame`)
+    to the stages after it."""
     storage.configure(storage_options)
     row = {**row, "started_at": time.time(), "error_kind": "", "error_message": "", "frames_in": 0,
-           "frames_out": 0, "frames_concealed": 0, "concealed_at": "", "segment_uri": "", "worker": _worker()}
+           "frames_out": 0, "frames_concealed": 0, "concealed_at": "", "segment_uri": "", "worker": _worker(),
+           "fields_per_frame": 1}
     if _lost("decode", row, tries):
         return _failed(row, "lost", f"decode: {lost_reason('chunk')}")
     try:
@@ -84,13 +88,14 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
         storage.check_version(row["source_uri"], row.get("source_version") or "")
         info = VideoInfo.model_validate_json(row["probe_json"])
         n = int(row["decode_end"] - row["decode_start"])
-        decode = ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames
         parity = info.parity if deinterlace else None
+        per_field = bool(parity and double_rate)
+        row["fields_per_frame"] = 2 if per_field else 1
         with storage.ffmpeg_input(row["source_uri"], version=row.get("source_version") or "") as src:
-            frames = decode(
+            frames = (ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames)(
                 src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
                 width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
-                full_range=info.full_range, deinterlace=parity)
+                full_range=info.full_range, deinterlace=parity, **({"per_field": True} if per_field else {}))
         if conceal:
             frames, missing = frames
             if missing:  # frames missing because the file changed as it was read are not damage
@@ -99,7 +104,7 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
                    if row["frame_start"] <= int(row["decode_start"]) + j < row["frame_end"]]
             row = {**row, "frames_concealed": len(own), "concealed_at": ", ".join(map(str, own))}
         if parity:
-            frames, row = _drop_deinterlace_margin(frames, row, context, int(info.n_frames))
+            frames, row = _drop_deinterlace_margin(frames, row, context, int(info.n_frames), row["fields_per_frame"])
     except storage.SourceChanged as err:
         return _failed(row, "source", err)
     except Exception as err:  # noqa: BLE001 - any failure is this chunk's, recorded with its reason
@@ -108,13 +113,14 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
 
 
 def _drop_deinterlace_margin(frames: np.ndarray, row: dict[str, Any], context: tuple[int, int],
-                             n: int) -> tuple[np.ndarray, dict[str, Any]]:
+                             n: int, per_frame: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
     """The frames of the chain's window, [frame_start - before, frame_end + after) within the video, out of the
-    decode's, which the plan widened by a frame on each side for the deinterlacer."""
+    decode's, which the plan widened by a frame on each side for the deinterlacer (`per_frame` frames out of
+    each source frame: 2 made one per field)."""
     start = max(0, int(row["frame_start"]) - context[0])
     end = min(n, int(row["frame_end"]) + context[1])
     first = start - int(row["decode_start"])
-    frames = frames[first:first + end - start]
+    frames = frames[first * per_frame:(first + end - start) * per_frame]
     return frames, {**row, "decode_start": start, "decode_end": end}
 
 
@@ -147,7 +153,7 @@ class RestoreStage:
         return {k: _one(v) for k, v in row.items()}
 
     def _restore(self, row: dict[str, Any], deaths: int = 0) -> dict[str, Any]:
-        t = self.chain.temporal_factor
+        t = self.chain.temporal_factor * int(row.get("fields_per_frame") or 1)  # output frames per source frame
         own = slice(int(row["frame_start"] - row["decode_start"]) * t, int(row["frame_end"] - row["decode_start"]) * t)
         try:
             faults.maybe_fail("restore", row)
@@ -242,6 +248,7 @@ def output_times(chunk_times: list[float], temporal: int) -> list[float]:
 def _encode(row: dict[str, Any], encode: EncodeSpec, segments_root: str, temporal: int) -> dict[str, Any]:
     info = VideoInfo.model_validate_json(row["probe_json"])
     frames = np.asarray(row["frames"])
+    temporal *= int(row.get("fields_per_frame") or 1)  # a frame of each field, made before the chain
     expected = int(row["frame_end"] - row["frame_start"]) * temporal
     if len(frames) != expected:  # a chain bug, never silently papered over
         raise RuntimeError(f"restore returned {len(frames)} frames, expected {expected}")

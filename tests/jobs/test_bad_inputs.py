@@ -309,7 +309,7 @@ def test_object_keys_with_dot_dot_parts_are_refused(tmp_path):
     spec = JobSpec(src="s3://archive/raw", dest=str(tmp_path / "out"))
     # the listing gives the part below SRC literally (storage.list_files): a key's '..' stays in it
     for key, rel in (("raw/a/../../escape.mkv", "a/../../escape.mkv"), ("raw/x/../inside.mkv", "x/../inside.mkv")):
-        with pytest.raises(ValueError, match=r"has a '\.\.' part"):
+        with pytest.raises(ValueError, match=r"'\.\.' part"):
             plan_video(spec, "job-x", f"s3://archive/{key}", rel, info, (0, 0))
         assert failed_video_row("job-x", f"s3://archive/{key}", rel, "why", spec.dest)["output_uri"] == ""
     assert plan_video(spec, "job-x", "s3://archive/raw/a..b.mkv", "a..b.mkv", info, (0, 0))  # '..' in a name is fine
@@ -342,7 +342,7 @@ def test_a_bucket_with_escaping_keys_restores_the_rest_inside_dest(tmp_path, s3,
     failed = [v for v in videos.values() if v["status"] == "failed"]
     assert len(failed) == 2
     for v in failed:
-        assert "has a '..' part" in v["reason"] and "\n" not in v["reason"] and v["output"] == ""
+        assert "'..' part" in v["reason"] and "\n" not in v["reason"] and v["output"] == ""
     (job,) = (dest / "_reelmend").iterdir()
     plan = pq.read_table(io.BytesIO((job / "plan" / "part-00000.parquet").read_bytes())).to_pylist()
     assert {r["source_uri"] for r in plan if r["error"]} == {f"s3://{bucket}/{k}" for k in keys[1:]}

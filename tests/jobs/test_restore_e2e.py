@@ -293,9 +293,10 @@ def test_include_and_exclude_pick_the_inputs_and_make_their_own_job(tmp_path, ra
     assert nothing.exit_code == 2 and "none of the 4 file(s)" in nothing.output
 
 
-def whole_file_bwdif(path: Path, parity: str | None, size: tuple[int, int]) -> np.ndarray:
-    """Every frame of `path`, deinterlaced by bwdif in one pass over the whole file (parity None: as stored)."""
-    deint = f"bwdif=mode=send_frame:parity={parity}:deint=all," if parity else ""
+def whole_file_bwdif(path: Path, parity: str | None, size: tuple[int, int], mode: str = "send_frame") -> np.ndarray:
+    """Every frame of `path`, deinterlaced by bwdif in one pass over the whole file (parity None: as stored;
+    mode send_field: a frame of each field)."""
+    deint = f"bwdif=mode={mode}:parity={parity}:deint=all," if parity else ""
     raw = subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vf",
          f"{deint}scale=flags=accurate_rnd+full_chroma_int", "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"],
@@ -324,6 +325,38 @@ def test_deinterlace_gives_the_frames_of_a_whole_video_deinterlace_across_chunks
     assert not np.array_equal(restored, whole_file_bwdif(src / name, None, (96, 64)))  # (it did deinterlace)
     assert probe_stream(out, "field_order")["field_order"] == "progressive"
     assert np.array_equal(decode(dest / "progressive.mkv"), decode(src / "progressive.mkv"))
+
+
+def test_double_rate_makes_a_frame_of_each_field_across_chunks_and_through_temporal_stages(tmp_path, ray_address):
+    """--double-rate: 23 interlaced frames at 25 fps become 46 progressive ones at 50 fps, each as bwdif's
+    send_field over the whole file gives it, though chunks are decoded apart; a windowed stage over them comes
+    out the same chunked or not; a progressive file beside them is untouched."""
+    src = tmp_path / "in"
+    make_clip(src / "tape.mkv", frames=23, extra=("-c:v", "libx264", "-flags", "+ilme+ildct", "-top", "1"))
+    make_clip(src / "progressive.mkv", frames=12, extra=("-c:v", "ffv1"))
+    dest = tmp_path / "out"
+    result = cli("restore", str(src), str(dest), "--chain", "identity", "--lossless", "--chunk-frames", "5",
+                 "--deinterlace", "--double-rate")
+    assert result.exit_code == 0, result.output
+    restored = decode(dest / "tape.mkv")
+    assert len(restored) == 46 and np.array_equal(restored, whole_file_bwdif(src / "tape.mkv", "tff", (96, 64),
+                                                                           "send_field"))
+    out = probe_stream(dest / "tape.mkv", "r_frame_rate,field_order")
+    assert out["r_frame_rate"] == "50/1" and out["field_order"] == "progressive"
+    assert np.array_equal(decode(dest / "progressive.mkv"), decode(src / "progressive.mkv"))
+
+    weights = write_tiny_weights(tmp_path / "weights", "descratch", perturb=0.1)  # reads a window of frames
+    outs = []
+    for chunk in ("5", "23"):
+        result = cli("restore", str(src), str(tmp_path / f"w{chunk}"), "--chain", "descratch", "--models",
+                     str(weights), "--lossless", "--chunk-frames", chunk, "--deinterlace", "--double-rate",
+                     "--include", "tape.mkv")
+        assert result.exit_code == 0, result.output
+        outs.append(decode(tmp_path / f"w{chunk}" / "tape.mkv"))
+    assert outs[0].shape == (46, 64, 96, 3) and np.abs(outs[0].astype(int) - outs[1]).max() <= 1
+
+    refused = cli("restore", str(src), str(tmp_path / "x"), "--double-rate")
+    assert refused.exit_code == 2 and "give both" in refused.output
 
 
 def test_deinterlace_finds_dv_interlaced_though_its_container_says_nothing(tmp_path, ray_address):

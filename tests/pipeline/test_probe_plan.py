@@ -133,6 +133,9 @@ def test_job_ids_stay_those_of_jobs_made_before_the_newer_options():
     assert spec.resolved_job_id() == "job-" + hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     for changed in ({"conceal_damage": True}, {"deinterlace": True}, {"include": ["*.mov"]}, {"exclude": ["*.json"]}):
         assert JobSpec(**{**spec.model_dump(), **changed}).resolved_job_id() != spec.resolved_job_id(), changed
+    frames = JobSpec(**{**spec.model_dump(), "deinterlace": True})
+    fields = JobSpec(**{**spec.model_dump(), "deinterlace": True, "double_rate": True})
+    assert fields.resolved_job_id() != frames.resolved_job_id()  # twice the frames: another job
     # one selection, one job, whatever the globs' case or order
     a = JobSpec(src="/a", dest="/b", include=["*.MOV", "*.mp4"])
     assert a.resolved_job_id() == JobSpec(src="/a", dest="/b", include=["*.mp4", "*.mov", "*.mov"]).resolved_job_id()
