@@ -4,6 +4,7 @@ completes frame-exact; on CPU and GPU nodes, the restore actors land on the GPU 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -204,3 +205,37 @@ def test_workers_of_a_cluster_the_driver_joins_learn_where_the_store_is_but_not_
     assert "never-shipped" not in str(env) and len(env["py_modules"]) == 3
     monkeypatch.setenv("REELMEND_SHIP_CODE", "0")
     assert "py_modules" not in code_env() and code_env()["env_vars"]
+
+
+def test_on_a_cluster_a_chunk_that_keeps_raising_fails_its_video_alone(tmp_path, inject, cluster):
+    """The fault suite's injected errors, on two worker nodes: a stage that raises on a chunk every time fails
+    its video after --max-attempts, with the reason; one that raises once is retried wherever Ray places it;
+    the rest of the job completes frame-exact and the exit code is 3."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    src = tmp_path / "in"
+    for name in ("broken.mkv", "flaky.mkv", "fine.mkv"):
+        make_clip(src / name, frames=30, extra=("-c:v", "ffv1"))
+    inject([{"stage": "restore", "rel_path": "broken.mkv", "chunk_index": 1, "kind": "raise"},
+            {"stage": "encode", "rel_path": "flaky.mkv", "chunk_index": 0, "kind": "raise", "times": 1}])
+    c, _ = cluster([{"num_cpus": 2}, {"num_cpus": 2}])
+    dest = tmp_path / "out"
+    driver = restore(c, src, dest, "--chain", "identity", "--lossless", "--chunk-frames", "10", "--max-attempts", "2")
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 3, output.decode(errors="replace")[-3000:]
+    status = CliRunner().invoke(app, ["status", str(dest), "--json"], catch_exceptions=False)
+    videos = {v["path"]: v for v in json.loads(status.output)["videos"]}
+    assert videos["broken.mkv"]["status"] == "failed" and "chunk 1" in videos["broken.mkv"]["reason"]
+    assert "injected fault" in videos["broken.mkv"]["reason"] and not (dest / "broken.mkv").exists()
+    for name in ("flaky.mkv", "fine.mkv"):
+        assert videos[name]["status"] == "done"
+        assert np.array_equal(decode(dest / name), decode(src / name))
+    failed = Counter((e["chunk_index"], e["attempt"]) for e in failed_events(dest))
+    assert failed == Counter({(1, 1): 1, (1, 2): 1, (0, 1): 1})  # broken's chunk twice, flaky's once
+
+
+def failed_events(dest: Path) -> list[dict]:
+    (job,) = dest.glob("_reelmend/job-*/events")
+    return [e for e in pq.read_table(job).to_pylist() if e["status"] == "failed" and e["chunk_index"] >= 0]
