@@ -470,21 +470,26 @@ def _shared_copy(fs: fsspec.AbstractFileSystem, path: str, version: str) -> Iter
     key = hashlib.sha256(f"{fs.protocol}\0{path}\0{version}".encode()).hexdigest()[:32]
     local = root / f"{key}{posixpath.splitext(path)[1]}"
     with open(root / f"{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not local.exists():
-                partial = root / f".{key}.{uuid.uuid4().hex}.part"
-                try:
-                    retrying(fs.get_file)(path, str(partial))
-                    os.replace(partial, local)
-                finally:
-                    partial.unlink(missing_ok=True)
-                _trim_copies(root, keep=local)
-            os.utime(local)  # read now: the last to go
-        except BaseException:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            raise
-        fcntl.flock(lock, fcntl.LOCK_SH)  # readers share it; a trim takes it exclusively, so never while read
+        while True:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not local.exists():
+                    partial = root / f".{key}.{uuid.uuid4().hex}.part"
+                    try:
+                        retrying(fs.get_file)(path, str(partial))
+                        os.replace(partial, local)
+                    finally:
+                        partial.unlink(missing_ok=True)
+                    _trim_copies(root, keep=local)
+                os.utime(local)  # read now: the last to go
+            except BaseException:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                raise
+            # Readers share the lock; a trim takes it exclusively, so never while one reads. (Linux converts a
+            # lock by releasing it first: a trim may slip in between, so the copy is looked for again.)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            if local.exists():
+                break
         yield str(local)
 
 
@@ -493,21 +498,27 @@ def _trim_copies(root: Path, keep: Path) -> None:
     lock held by a reader) stays."""
     import fcntl
 
-    copies = sorted((p for p in root.iterdir() if not p.name.startswith(".") and p.suffix != ".lock"),
-                    key=lambda p: p.stat().st_mtime)
-    total, budget = sum(p.stat().st_size for p in copies), copies_budget()
-    for copy in copies:
+    def is_lock(p: Path) -> bool:  # "<32 hex>.lock", whatever the copies' own extensions are
+        return len(p.name) == 37 and p.name.endswith(".lock")
+
+    copies = []
+    for p in root.iterdir():
+        if not p.name.startswith(".") and not is_lock(p):
+            with contextlib.suppress(FileNotFoundError):  # another node-mate's trim took it meanwhile
+                st = p.stat()
+                copies.append((st.st_mtime, st.st_size, p))
+    total, budget = sum(size for _, size, _ in copies), copies_budget()
+    for _, size, copy in sorted(copies, key=lambda c: c[0]):
         if total <= budget:
             return
         if copy == keep:
             continue
-        lock_path = root / f"{copy.stem}.lock"
+        lock_path = root / f"{copy.name[:32]}.lock"
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # being read
-            size = copy.stat().st_size
             copy.unlink(missing_ok=True)
             lock_path.unlink(missing_ok=True)
             total -= size
