@@ -91,11 +91,13 @@ def decode_chunk(row: dict[str, Any], *, storage_options: dict, tries=None, conc
         parity = info.parity if deinterlace else None
         per_field = bool(parity and double_rate)
         row["fields_per_frame"] = 2 if per_field else 1
+        what = {"stream_index": info.stream_index, "seek": float(row["seek_time"]), "n_frames": n,
+                "width": info.width, "height": info.height, "high_depth": info.bit_depth > 8, "matrix": info.matrix,
+                "full_range": info.full_range, "deinterlace": parity}
         with storage.ffmpeg_input(row["source_uri"], version=row.get("source_version") or "") as src:
-            frames = (ffmpeg.decode_frames_concealing if conceal else ffmpeg.decode_frames)(
-                src, stream_index=info.stream_index, seek=float(row["seek_time"]), n_frames=n,
-                width=info.width, height=info.height, high_depth=info.bit_depth > 8, matrix=info.matrix,
-                full_range=info.full_range, deinterlace=parity, **({"per_field": True} if per_field else {}))
+            # (the job spec refuses --conceal-damage with --double-rate)
+            frames = (ffmpeg.decode_frames_concealing(src, **what) if conceal
+                      else ffmpeg.decode_frames(src, **what, per_field=per_field))
         if conceal:
             frames, missing = frames
             if missing:  # frames missing because the file changed as it was read are not damage
