@@ -292,15 +292,21 @@ def measure_restore(src: Path, dest: Path, chain: str, interval: float = 0.25) -
     started = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root, peak, disk, segments, breakdown = psutil.Process(proc.pid), 0, 0, 0, {}
+    timeline: list[tuple[float, int]] = []  # (seconds, total PSS)
     while proc.poll() is None:
         kinds = tree_pss(root)
         if (total := sum(pss for pss, _ in kinds.values())) > peak:
             peak, breakdown = total, kinds
+        timeline.append((time.monotonic() - started, total))
         disk, segments = max(disk, temp_bytes(dest) - baseline), max(segments, segment_bytes(dest))
         time.sleep(interval)
     if proc.returncode != 0:
         raise RuntimeError(f"restore exited with {proc.returncode}: {' '.join(args)}")
-    return {"seconds": round(time.monotonic() - started, 2), "peak_pss_mb": round(peak / 2**20, 1),
+    seconds = time.monotonic() - started
+    halves = [max((m for t, m in timeline if (t < seconds / 2) == first), default=0) for first in (True, False)]
+    return {"seconds": round(seconds, 2), "peak_pss_mb": round(peak / 2**20, 1),
+            # a job whose memory grew with its length would peak later in its second half than in its first
+            "peak_first_half_mb": round(halves[0] / 2**20, 1), "peak_second_half_mb": round(halves[1] / 2**20, 1),
             "tmp_disk_mb": round(disk / 2**20, 2), "segments_peak_mb": round(segments / 2**20, 2),
             "peak_by_process_mb": {(f"{k} x{n}" if n > 1 else k): round(pss / 2**20, 1)
                                    for k, (pss, n) in sorted(breakdown.items(), key=lambda kv: -kv[1][0])}}
@@ -310,7 +316,10 @@ def bench_memory(json_out: str | None = None, seconds: int = 10, factor: int = 1
                  clip: Path | None = None) -> dict:
     """Peak memory of whole jobs over 1x and `factor`x the footage. The 1x input must hold more chunks than the
     pipeline keeps in flight (10 s: 5 chunks), or its peak is the ramp-up's and the ratio measures concurrency
-    the longer run reaches and the short one never does, not growth with length."""
+    the longer run reaches and the short one never does, not growth with length. What remains between the two
+    is how many worker processes Ray happens to hold for the decode and encode tasks: now and then it starts
+    fresh ones mid-job and keeps the one they replace, idle (about 130 MB each, their imports;
+    `peak_by_process_mb` counts them), and a longer job is likelier to have seen that happen."""
     clip = clip or sample_clips_dir() / "bikes.mp4"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
@@ -325,6 +334,10 @@ def bench_memory(json_out: str | None = None, seconds: int = 10, factor: int = 1
             runs[name] = {"frames": frames, **measure_restore(src, root / name / "out", chain)}
     result = {"chain": chain, "runs": runs,
               "memory_ratio": round(runs[f"{factor}x"]["peak_pss_mb"] / runs["1x"]["peak_pss_mb"], 3),
+              # the same question within the long run: the peak of its second half over its first's (which
+              # holds Ray's start and the pipeline filling up)
+              "second_half_over_first": round(runs[f"{factor}x"]["peak_second_half_mb"]
+                                              / runs[f"{factor}x"]["peak_first_half_mb"], 3),
               "tmp_disk_mb": max(r["tmp_disk_mb"] for r in runs.values())}
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))

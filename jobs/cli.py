@@ -779,6 +779,8 @@ def perf_table(result: dict) -> Table:
          f"job / FFmpeg pipe -> model -> FFmpeg pipe ({result['sequential_fps']:.2f} frames/s)"),
         ("  end to end", f"{result['vs_sequential_end_to_end']:.2f}", "", "whole job / sequential"),
         ("memory_ratio", f"{result['memory_ratio']:.2f}", "≤ 1.1", "peak PSS, 10x longer input / 1x"),
+        ("  within the 10x", f"{result['memory']['second_half_over_first']:.2f}", "",
+         "its second half's peak / its first half's"),
         ("tmp_disk_mb", f"{result['tmp_disk_mb']:.1f}", "a few chunks", "temporary disk peak"),
         ("scaling", f"{result['scaling']['speedup_2_over_1']:.2f}x", "", " / ".join(
             f"{r['actors']} actor(s) {r['steady_fps']:.2f} frames/s" for r in runs)),
