@@ -19,8 +19,9 @@ from pathlib import Path
 from jobs.restore import run_job
 from models.chain import STAGES
 from models.weights import SHIPPED, read_card
-from pipeline import ffmpeg
+from pipeline import ffmpeg, storage
 from pipeline.config import EncodeSpec, JobSpec
+from pipeline.manifest import job_root, list_jobs
 
 # The stages a default demo runs, in chain order, when their weights are shipped.
 DEMO_STAGES = ("denoise", "deblock", "sr2x")
@@ -112,6 +113,12 @@ def run_demo(workdir: str, log: Callable[[str], None] = print, progress=None, ch
     log(f"sample archive: {archive} (real footage, degraded with noise and CRF 36 H.264)")
     log(f"chain: {chosen}" + ("" if chain or chosen != "identity" else
                                " (no trained weights are shipped yet: the job re-encodes through the full pipeline)"))
+    # The demo's DEST is its own: a demo run before with another chain is replaced (another job would refuse
+    # to write over its outputs)
+    for other in list_jobs(str(restored)):
+        if other != spec.resolved_job_id():
+            log(f"replacing the demo restored there before with other options (job {other})")
+            storage.remove(job_root(str(restored), other))
     started = time.monotonic()
     result = run_job(spec, log=log, progress=progress)
     wall = time.monotonic() - started

@@ -22,7 +22,7 @@ from models.chain import check_weights
 from models.geometry import chain_geometry, parse_chain
 from pipeline import faults, lease, storage
 from pipeline.config import JobSpec
-from pipeline.manifest import ChunkState, EventWriter, Manifest
+from pipeline.manifest import ChunkState, EventWriter, Manifest, list_jobs
 from pipeline.plan import failed_video_row, plan_video, video_id
 from pipeline.probe import VideoInfo
 from pipeline.schema import TASK_FIELDS
@@ -66,16 +66,65 @@ class JobResult:
         return 0 if all(v.status == "done" for v in self.videos) else 3
 
 
+class OutputsTaken(ValueError):
+    """A new job would write outputs another job under the same DEST planned (a usage error: nothing is written)."""
+
+
+def other_jobs_outputs(spec: JobSpec, job_id: str) -> dict[str, tuple[str, str]]:
+    """Output URI -> (the other job under DEST that planned it, its source there if that job makes of a source
+    what this one would, else ""). Two jobs making different outputs under one name would each overwrite the
+    other's, and each manifest would call them its own; a job that differs from this one only in which files it
+    selects (--include/--exclude) makes the same output of a source they share, which is no clash."""
+    ours = _content(spec)
+    taken: dict[str, tuple[str, str]] = {}
+    for other in list_jobs(spec.dest):
+        manifest = Manifest(spec.dest, other)
+        if other == job_id or not manifest.has_plan():
+            continue
+        same = _content(manifest.read_spec()) == ours  # (src included: the same path is the same source)
+        plan = manifest.read_plan().select(["output_uri", "chunk_index", "source_uri"]).to_pylist()
+        for row in plan:
+            if row["output_uri"] and row["chunk_index"] >= 0:  # (a probe failure writes nothing)
+                taken.setdefault(row["output_uri"], (other, row["source_uri"] if same else ""))
+    return taken
+
+
+def _content(spec: JobSpec) -> dict:
+    """What shapes a job's outputs beyond which files it takes."""
+    return {k: v for k, v in spec.shaping().items() if k not in ("include", "exclude")}
+
+
+def _refuse_taken(spec: JobSpec, clashes: dict[str, str]) -> None:
+    """Raise OutputsTaken naming the other job(s), how their options differ, and the way out."""
+    by_job: dict[str, list[str]] = {}
+    for uri, other in clashes.items():
+        by_job.setdefault(other, []).append(uri)
+    other, uris = max(by_job.items(), key=lambda kv: len(kv[1]))
+    stored = Manifest(spec.dest, other).read_spec()
+    how = differences(stored.shaping(), spec.shaping())
+    how = f"with other options ({how})" if how else "with the same options, under another --job-id"
+    also = f" (and {len(by_job) - 1} other job(s))" if len(by_job) > 1 else ""
+    name = uris[0].removeprefix(spec.dest.rstrip("/") + "/")
+    raise OutputsTaken(
+        f"job {other}{also} under {spec.dest} already writes {len(clashes)} of this job's outputs (e.g. {name}), "
+        f"{how}: restore into another DEST, continue that job (`reelmend resume {spec.dest} "
+        f"--job-id {other}`), or delete its folder {Manifest(spec.dest, other).root} to replace its outputs")
+
+
 def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storage.Listed],
               log: Callable[[str], None], *, part: int = 0, replaced: frozenset[str] = frozenset(),
               taken: dict[str, str] | None = None, check: Callable[[], None] = lambda: None) -> None:
     """Probe every file on the cluster and write plan part `part` before any of its chunks runs: part 0 with
     job.json when the job is new, a later part for what a re-run found new or `replaced` (paths below SRC,
-    planned anew under new video ids). `taken`: output URI -> the path below SRC of the input that has it."""
+    planned anew under new video ids). `taken`: output URI -> the path below SRC of the input that has it.
+
+    Outputs another job under DEST planned are not taken over: a new job whose inputs would write any is
+    refused (OutputsTaken, before anything is written); a video a re-run found new fails alone instead."""
     log(f"probing {len(files)} file(s) under {spec.src}")
     _, _, context = chain_geometry(parse_chain(spec.chain))
     rows, failed = [], []
     outputs = dict(taken or {})
+    others, clashes = other_jobs_outputs(spec, job_id), {}
     probed = probe_all([f.uri for f in files], spec.storage_options, spec.resources.cpu_task_resources(),
                        fields=spec.deinterlace, versions=[f.version for f in files])
     for (uri, rel, version), (_, info) in zip(files, probed):
@@ -88,10 +137,17 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
             try:
                 video_rows = plan_video(spec, job_id, uri, rel, info, context, version=version, generation=generation)
                 # clip.mp4 and clip.mov both become clip.mkv in some modes: the second must not replace the first
-                other = outputs.setdefault(video_rows[0]["output_uri"], rel)
+                out = video_rows[0]["output_uri"]
+                other = outputs.setdefault(out, rel)
                 if other != rel:
-                    raise ValueError(f"its output {video_rows[0]['output_uri']} is also the output of {other}; "
+                    raise ValueError(f"its output {out} is also the output of {other}; "
                                      "rename one of them or restore them into different DESTs")
+                if out in others and others[out][1] != uri:  # (the same source, made the same way: no clash)
+                    clashes[out] = others[out][0]
+                    if part == 0:
+                        continue  # (refused below, once every clash is known)
+                    raise ValueError(f"its output {out} is also an output of job {others[out][0]} under "
+                                     f"{spec.dest}; restore it into another DEST")
                 rows += video_rows
                 continue
             except ValueError as err:  # e.g. a key that would escape DEST, or a clashing output
@@ -100,10 +156,20 @@ def make_plan(spec: JobSpec, job_id: str, manifest: Manifest, files: list[storag
         rows.append(row)
         failed.append({"video_id": row["video_id"], "chunk_index": -1, "status": "failed", "attempt": 1,
                        "error_kind": "probe", "error_message": info})
+    if clashes and part == 0:
+        _refuse_taken(spec, clashes)
     check()  # (the lease: a run that lost it while probing writes nothing)
     if part == 0:
         manifest.write_spec(spec)
     manifest.add_plan_part(rows, part)
+    mine = {r["output_uri"]: r["source_uri"] for r in rows if r["chunk_index"] >= 0}
+    if part == 0 and (late := {o: j for o, (j, source) in other_jobs_outputs(spec, job_id).items()
+                               if o in mine and source != mine[o]}):
+        # another new job planned some of these outputs while this one probed (each job holds only its own
+        # lease): this plan gives way, as may the other's, which sees this one the same way; nothing ran yet
+        storage.remove(storage.join(manifest.root, "plan"))
+        storage.remove(storage.join(manifest.root, "job.json"))
+        _refuse_taken(spec, late)
     manifest.append_events(failed)
 
 
@@ -164,7 +230,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, log: Callable[[str], N
             spec = _agree_with_stored(spec, manifest)
             try:
                 result = _run_job(spec, job_id, manifest, progress, held, files, plan_only)
-            except (lease.LeaseLost, KeyboardInterrupt):
+            except (lease.LeaseLost, KeyboardInterrupt, OutputsTaken):
                 raise
             except Exception as err:  # whatever it is, it is no longer a problem of the command line
                 raise JobStopped(f"job {job_id} stopped: {error_line(err)}; `reelmend resume {spec.dest}` "

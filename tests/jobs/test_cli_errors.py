@@ -157,3 +157,57 @@ def test_a_job_id_given_again_with_other_options_says_which_differ(tmp_path, ray
     said = " ".join(again.output.split())
     assert "planned with other options" in said and "encode.crf: 18 planned, 20 given" in said, said
     assert "chain:" not in said  # identity is the default chain: no difference there
+
+
+def test_a_job_never_takes_over_another_jobs_outputs(tmp_path, ray_address):
+    """Restoring into a DEST another job already writes to, with other options (another id), would overwrite
+    that job's outputs while its manifest still calls them its own: refused before anything is written. A file
+    a later re-run of a job finds, whose output another job has, fails alone."""
+    from pipeline.manifest import Manifest, list_jobs
+
+    src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    dest = tmp_path / "out"
+    first = run("restore", str(src), str(dest), "--crf", "18", "--plan-only")
+    assert first.exit_code == 0, first.output
+    [job] = list_jobs(str(dest))
+    again = run("restore", str(src), str(dest), "--crf", "20", "--plan-only")
+    said = " ".join(again.output.split())
+    assert again.exit_code == 2 and "error: " in said and "Traceback" not in said, said
+    assert f"job {job} under {dest} already writes 1 of this job's outputs (e.g. a.mkv)" in said, said
+    assert "encode.crf: 18 planned, 20 given" in said and f"--job-id {job}" in said, said
+    assert list_jobs(str(dest)) == [job]  # nothing of the refused job's was written
+
+    other = make_clip(tmp_path / "in2" / "b.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    second = run("restore", str(other), str(dest), "--plan-only")  # other names: no clash
+    assert second.exit_code == 0, second.output
+    (other / "a.mkv").write_bytes((src / "a.mkv").read_bytes())  # now it has a file whose output is job's
+    rerun = run("restore", str(other), str(dest), "--plan-only")
+    assert rerun.exit_code == 3, rerun.output
+    [job2] = [j for j in list_jobs(str(dest)) if j != job]
+    plan = {r["rel_path"]: r for r in Manifest(str(dest), job2).read_plan().to_pylist()}
+    assert plan["a.mkv"]["chunk_index"] == -1 and plan["b.mkv"]["chunk_index"] >= 0
+    reasons = Manifest(str(dest), job2).read_events().to_pylist()
+    assert any(f"also an output of job {job}" in (e["error_message"] or "") for e in reasons), reasons
+
+
+def test_of_two_new_jobs_planning_one_output_at_once_neither_goes_on_alone(tmp_path, ray_address, monkeypatch):
+    """Each job holds only its own lease, so a job can probe while another plans the same outputs: it checks
+    again once its plan is written, and gives way (its plan removed) when the other's is there."""
+    from jobs import restore
+    from pipeline.manifest import Manifest, list_jobs
+
+    src = make_clip(tmp_path / "in" / "a.mkv", frames=3, extra=("-c:v", "ffv1")).parent
+    dest = tmp_path / "out"
+    real, calls = restore.other_jobs_outputs, []
+
+    def first_sees_nothing(dest_uri, job_id):  # as if the other job wrote its plan just after this one looked
+        calls.append(job_id)
+        return {} if len(calls) == 1 else real(dest_uri, job_id)
+
+    assert run("restore", str(src), str(dest), "--crf", "18", "--plan-only").exit_code == 0
+    [job] = list_jobs(str(dest))
+    monkeypatch.setattr(restore, "other_jobs_outputs", first_sees_nothing)
+    late = run("restore", str(src), str(dest), "--crf", "20", "--plan-only")
+    assert late.exit_code == 2 and f"job {job} under {dest} already writes" in " ".join(late.output.split())
+    assert len(calls) == 2 and list_jobs(str(dest)) == [job]  # its plan and spec removed
+    assert not Manifest(str(dest), calls[0]).has_plan()

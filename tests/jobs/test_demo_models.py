@@ -57,6 +57,13 @@ def test_the_demo_restores_its_sample_archive_and_status_and_report_read_it(tmp_
     page = Path(report.output.split("report:", 1)[1].strip())
     assert page.is_file() and "<img" in page.read_text()
 
+    # the demo again with another chain replaces the one before in its own DEST (a job elsewhere would refuse
+    # to write over another job's outputs)
+    again = cli("demo", "--workdir", str(work), "--chain", "identity,identity", "--seconds", "1")
+    assert again.exit_code == 0, again.output
+    assert "replacing the demo restored there before" in " ".join(again.output.split())
+    assert "(identity,identity): 2 done" in cli("status", str(dest)).output
+
 
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path):
     for args, message in ((["--chain", "sr3x"], "unknown stage 'sr3x'"),
