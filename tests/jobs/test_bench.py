@@ -46,3 +46,28 @@ def test_cpu_account_counts_a_child_process_cpu_time():
     child = max((v for k, v in report["seconds"].items() if k.startswith("python")), default=0.0)
     assert 0.9 <= child <= 1.3, report
     assert report["capacity_s"] >= 2 * 1.0 and 0.0 <= report["idle_share"] <= 1.0
+
+
+def test_the_printed_table_holds_every_figure_of_the_json():
+    """`reelmend bench` prints its JSON's figures as a table: every key the table reads is one the bench
+    writes (a figure added to one and not the other would break the command only after its 13 minutes)."""
+    from rich.console import Console
+
+    from jobs.cli import perf_table
+
+    cpu = {"share": {"ray::MapWorker(MapBatches(RestoreStage))": 0.78, "driver": 0.04}, "idle_share": 0.03}
+    result = {"chain": "sr2x", "machine": {"cpus": 2, "memory_gb": 24.0},
+              "input": {"videos": 4, "frames": 320, "size": "320x136"},
+              "model_only_fps": {1: 1.9, 2: 3.5}, "sequential_fps": 3.4, "fps": 3.7, "fps_end_to_end": 3.2,
+              "efficiency": 1.05, "efficiency_end_to_end": 0.91,
+              "vs_sequential": 1.09, "vs_sequential_end_to_end": 0.94,
+              "memory_ratio": 1.15, "tmp_disk_mb": 7.0, "memory": {"second_half_over_first": 1.01},
+              "scaling": {"speedup_2_over_1": 1.67, "runs": [{"actors": 1, "steady_fps": 2.2, "cpu": cpu},
+                                                             {"actors": 2, "steady_fps": 3.7, "cpu": cpu}]},
+              "fixed_cost_s": 6.0}
+    console = Console(width=200, record=True)
+    console.print(perf_table(result))
+    text = console.export_text()
+    for figure, value in (("efficiency", "1.05"), ("memory_ratio", "1.15"), ("within the 10x", "1.01"),
+                          ("scaling", "1.67x"), ("CPU of the job", "78%")):
+        assert any(figure in line and value in line for line in text.splitlines()), (figure, text)
