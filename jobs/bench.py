@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -312,23 +313,27 @@ def measure_restore(src: Path, dest: Path, chain: str, interval: float = 0.25) -
                                    for k, (pss, n) in sorted(breakdown.items(), key=lambda kv: -kv[1][0])}}
 
 
-def bench_memory(json_out: str | None = None, seconds: int = 10, factor: int = 10, chain: str = "identity",
+def bench_memory(json_out: str | None = None, seconds: int = 30, factor: int = 10, chain: str = "identity",
                  clip: Path | None = None) -> dict:
-    """Peak memory of whole jobs over 1x and `factor`x the footage. The 1x input must hold more chunks than the
-    pipeline keeps in flight (10 s: 5 chunks), or its peak is the ramp-up's and the ratio measures concurrency
-    the longer run reaches and the short one never does, not growth with length. What remains between the two
-    is how many worker processes Ray happens to hold for the decode and encode tasks: now and then it starts
-    fresh ones mid-job and keeps the one they replace, idle (about 130 MB each, their imports;
-    `peak_by_process_mb` counts them), and a longer job is likelier to have seen that happen."""
+    """Peak memory of whole jobs over 1x and `factor`x the footage (the clip looped). The 1x input must be
+    longer than the pipeline takes to fill, or its peak is the ramp-up's and the ratio measures what the longer
+    run reaches and the short one never does, not growth with length: on a 2-core machine Ray starts the
+    second worker process for the decode and encode tasks about 20 s into a job (each holds ~135 MB of its
+    own, its imports), so a 10 s input measured 1.09 to 1.17 where 30 s measure 1.08. What remains at 30 s is
+    the end of the longer job, where its backlog of restored chunks runs two encodes at once (two FFmpeg
+    processes, `peak_by_process_mb` counts them), and Ray Data's stats actor (~20 MB more over 10x the
+    chunks)."""
     clip = clip or sample_clips_dir() / "bikes.mp4"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
         runs = {}
-        for name, loops in (("1x", 1), (f"{factor}x", factor)):
+        clip_seconds = probe(str(clip)).duration
+        for name, times in (("1x", 1), (f"{factor}x", factor)):
             src = root / name / "in"
             src.mkdir(parents=True)
+            loops = math.ceil(seconds * times / clip_seconds)  # the clip over and over, cut at the length asked
             subprocess.run([*ffmpeg.BASE, "-stream_loop", str(loops - 1), "-i", str(clip),
-                            "-t", str(seconds * loops), "-c:v", "libx264", "-preset", "veryfast",
+                            "-t", str(seconds * times), "-c:v", "libx264", "-preset", "veryfast",
                             str(src / "clip.mp4")], check=True, timeout=600, capture_output=True)
             frames = probe(str(src / "clip.mp4")).n_frames
             runs[name] = {"frames": frames, **measure_restore(src, root / name / "out", chain)}
@@ -348,7 +353,7 @@ def bench_memory(json_out: str | None = None, seconds: int = 10, factor: int = 1
 
 
 def bench_all(json_out: str | None, *, clip: str | None = None, chain: str = "sr2x", videos: int = 4,
-              frames: int = 80, height: int = 136, chunk: int = 20, memory_seconds: int = 10, log=print) -> dict:
+              frames: int = 80, height: int = 136, chunk: int = 20, memory_seconds: int = 30, log=print) -> dict:
     import ray
 
     from pipeline.run import connect, start_local

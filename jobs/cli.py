@@ -713,7 +713,7 @@ def bench(
     clean_scale: Annotated[float, typer.Option(help="quality: area-downscale the clean footage first.")] = 0.5,
     update_cards: Annotated[bool, typer.Option(help="quality: write the figures into the model cards.")] = False,
     markdown: Annotated[Optional[str], typer.Option(help="quality: also write the table as Markdown to this file.")] = None,
-    seconds: Annotated[int, typer.Option(help="perf, memory: length of the 1x input of the memory runs in seconds.")] = 10,
+    seconds: Annotated[int, typer.Option(help="perf, memory: length of the 1x input of the memory runs in seconds.")] = 30,
     clip: Annotated[Optional[str], typer.Option(help="perf, memory: the real footage to cut inputs from (default: bikes.mp4).")] = None,
     chain: Annotated[str, typer.Option(help="perf: the chain to time.")] = "sr2x",
     height: Annotated[int, typer.Option(help="perf: height of the inputs in pixels.")] = 136,

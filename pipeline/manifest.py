@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from pipeline import storage
-from pipeline.config import JobSpec
+from pipeline.config import VERSION, JobSpec
 from pipeline.lease import LeaseLost
 from pipeline.schema import EVENTS, PLAN
 from pipeline.text import one_line
@@ -81,7 +82,12 @@ class Manifest:
         uri = storage.join(self.root, "job.json")
         if not storage.exists(uri):
             raise FileNotFoundError(f"no job {self.job_id} under {self.dest} ({uri} is missing)")
-        return JobSpec.model_validate_json(storage.read_bytes(uri))
+        try:
+            return JobSpec.model_validate_json(storage.read_bytes(uri))
+        except ValidationError as err:  # edited by hand, or written by another version
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"{uri} is not a job spec reelmend {VERSION} can read ({one_line(problems)}): undo "
+                             "the edit, or use the reelmend that wrote it") from err
 
     def write_plan(self, rows: list[dict]) -> None:
         """The first plan part: every file SRC held when the job was planned."""

@@ -386,9 +386,22 @@ def clean_staging(uri: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-@retrying
+class WriteError(OSError):
+    """A finished file that could not be stored: says where, and what the store answered."""
+
+
 def publish(local: Path, uri: str) -> None:
-    """Move a finished local file to `uri` atomically: readers never see a partial output."""
+    """Move a finished local file to `uri` atomically: readers never see a partial output. Transient errors are
+    retried; what remains (a refused write, a full disk) raises WriteError naming `uri` and the store's answer:
+    the reason a user reads in the manifest."""
+    try:
+        _publish(local, uri)
+    except OSError as err:
+        raise WriteError(f"cannot write {uri}: {type(err).__name__}: {' '.join(str(err).split())}") from err
+
+
+@retrying
+def _publish(local: Path, uri: str) -> None:
     fs, path = fs_and_path(uri)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -19,6 +19,7 @@ class Fault:
     status: int | None  # an HTTP status to answer, or None to drop the connection without a response
     remaining: int | None  # requests left to spoil; None: every matching request
     match: str = ""  # spoil only requests whose path contains this
+    method: str = ""  # and only requests of this method (GET, PUT, ...); empty: any
     spoiled: int = 0
 
 
@@ -35,6 +36,7 @@ class FlakyS3:
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
         self.requests = 0
+        self.log: list[tuple[str, str, str]] = []  # (method, path with query, Range header) of every request
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,7 +47,7 @@ class FlakyS3:
 
             def _relay(self) -> None:
                 body = self._body()
-                fault = proxy._take_fault(self.path)
+                fault = proxy._take_fault(self.command, self.path, self.headers.get("Range") or "")
                 if fault is not None and fault.status is None:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)  # dropped mid-request: no response at all
@@ -110,9 +112,9 @@ class FlakyS3:
         self.server.shutdown()
         self.moto.stop()
 
-    def fail(self, count: int | None, status: int | None = 503, match: str = "") -> Fault:
-        """Spoil the next `count` requests (every one when None) whose path contains `match`."""
-        fault = Fault(status, count, match)
+    def fail(self, count: int | None, status: int | None = 503, match: str = "", method: str = "") -> Fault:
+        """Spoil the next `count` requests (every one when None) whose path contains `match` (of `method`)."""
+        fault = Fault(status, count, match, method)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -121,11 +123,13 @@ class FlakyS3:
         with self.lock:
             self.faults.clear()
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, byte_range: str) -> Fault | None:
         with self.lock:
             self.requests += 1
+            self.log.append((method, path, byte_range))
             for fault in self.faults:
-                if fault.match in path and (fault.remaining is None or fault.remaining > 0):
+                if (fault.match in path and fault.method in ("", method)
+                        and (fault.remaining is None or fault.remaining > 0)):
                     if fault.remaining is not None:
                         fault.remaining -= 1
                     fault.spoiled += 1

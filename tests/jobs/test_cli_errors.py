@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,25 @@ def test_of_two_new_jobs_planning_one_output_at_once_neither_goes_on_alone(tmp_p
     assert late.exit_code == 2 and f"job {job} under {dest} already writes" in " ".join(late.output.split())
     assert len(calls) == 2 and list_jobs(str(dest)) == [job]  # its plan and spec removed
     assert not Manifest(str(dest), calls[0]).has_plan()
+
+
+def test_a_job_spec_with_a_field_reelmend_does_not_know_is_refused(tmp_path, monkeypatch):
+    """Specs forbid unknown fields: a job.json edited by hand (or written by another version) with a field this
+    version does not know is refused, naming it, before any work; it is not silently ignored."""
+    from pipeline.config import JobSpec
+    from pipeline.manifest import Manifest
+
+    spec = JobSpec(src=str(tmp_path / "in"), dest=str(tmp_path / "out"))
+    manifest = Manifest(spec.dest, spec.resolved_job_id())
+    manifest.write_spec(spec)
+    job_json = Path(manifest.root) / "job.json"
+    edited = {**json.loads(job_json.read_text()), "max_atempts": 9}  # a typo of max_attempts
+    job_json.write_text(json.dumps(edited))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for command in ("resume", "status"):
+        result = run(command, str(tmp_path / "out"))
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, said
+        assert f"{job_json} is not a job spec" in said and "max_atempts: Extra inputs are not permitted" in said
+        assert "Traceback" not in result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

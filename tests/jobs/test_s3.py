@@ -1,6 +1,7 @@
 """A restore from one bucket to another on an S3-compatible server (moto on loopback) that throttles and drops
-connections for a while and refuses one object for good: the transient errors are retried, the refused video
-fails alone, and the manifest lives in the bucket beside the outputs, with no credential in it."""
+connections for a while, refuses to serve one source and to store one output for good: the transient errors
+are retried, the refused videos fail alone, and the manifest lives in the bucket beside the outputs, with no
+credential in it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -18,6 +20,7 @@ from conftest import decode, ffmpeg, stream_hashes
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from pipeline.manifest import Manifest
 
 runner = CliRunner()
 
@@ -35,9 +38,12 @@ def test_restore_between_buckets_through_storage_faults(tmp_path, clips, s3, ray
     for name in ("bikes.mp4", "bunny.mp4"):
         fs.put_file(str(local / name), f"{bucket}/raw/{name}")
     fs.put_file(str(local / "bikes.mp4"), f"{bucket}/raw/sealed/denied.mp4")
+    fs.put_file(str(local / "bikes.mp4"), f"{bucket}/raw/locked.mp4")
+    first_request = len(s3.log)
 
     faults = [
         s3.fail(None, 403, match="denied.mp4"),     # permanent: this object is refused for good
+        s3.fail(None, 403, match="/restored/locked.mkv", method="PUT"),  # permanent: its output cannot be written
         s3.fail(6, 503, match="/_reelmend/"),       # the driver's manifest commits are throttled...
         s3.fail(3, None, match="/_reelmend/"),      # ...then their connections dropped
         s3.fail(4, 503, match="/raw/bikes.mp4"),    # FFmpeg's range reads (probe, decode) are throttled
@@ -48,9 +54,13 @@ def test_restore_between_buckets_through_storage_faults(tmp_path, clips, s3, ray
                                      "identity", "--lossless", "--chunk-frames", "20"], catch_exceptions=False)
     finally:
         s3.heal()
-    assert result.exit_code == 3, result.output  # one video failed, the others are done
+    assert result.exit_code == 3, result.output  # two videos failed, the others are done
     assert all(f.spoiled > 0 for f in faults)
-    assert all(f.remaining == 0 for f in faults[1:])  # every transient fault was hit, and outlasted
+    assert all(f.remaining == 0 for f in faults[2:])  # every transient fault was hit, and outlasted
+    # FFmpeg read the sources itself, through presigned URLs, a byte range at a time: no copy was downloaded
+    source_reads = [(path, byte_range) for method, path, byte_range in s3.log[first_request:]
+                    if method == "GET" and f"/{bucket}/raw/" in path]
+    assert source_reads and all("Signature=" in path and byte_range for path, byte_range in source_reads)
 
     outputs = sorted(fs.find(f"{bucket}/restored", maxdepth=1, withdirs=False))
     assert outputs == [f"{bucket}/restored/bikes.mkv", f"{bucket}/restored/bunny.mkv"]
@@ -62,17 +72,39 @@ def test_restore_between_buckets_through_storage_faults(tmp_path, clips, s3, ray
     (job,) = fs.ls(f"{bucket}/restored/_reelmend")
     plan = pq.read_table(io.BytesIO(fs.cat_file(f"{job}/plan/part-00000.parquet"))).to_pylist()
     assert {r["source_uri"] for r in plan} == {f"s3://{bucket}/raw/{n}" for n in
-                                              ("bikes.mp4", "bunny.mp4", "sealed/denied.mp4")}
+                                              ("bikes.mp4", "bunny.mp4", "locked.mp4", "sealed/denied.mp4")}
     status = runner.invoke(app, ["status", f"s3://{bucket}/restored", "--json"])
     assert status.exit_code == 3
-    assert '"status": "failed"' in status.output and "denied" in status.output
+    videos = {v["path"]: v for v in json.loads(status.output)["videos"]}
+    assert {p: v["status"] for p, v in videos.items()} == {
+        "bikes.mp4": "done", "bunny.mp4": "done", "locked.mp4": "failed", "sealed/denied.mp4": "failed"}
+    assert videos["locked.mp4"]["reason"] == (f"stitch: cannot write s3://{bucket}/restored/locked.mkv: "
+                                               "PermissionError: injected")  # what the store answered
+    assert "denied" in videos["sealed/denied.mp4"]["reason"].lower()
 
     # no credential anywhere: not the secret, not a presigned URL's signature
     texts = [result.output, status.output] + [fs.cat_file(p).decode("utf-8", "replace")
                                                for p in fs.find(f"{bucket}/restored/_reelmend")]
     for text in texts:
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and "Signature=" not in text
-    assert not [p for p in fs.find(f"{bucket}/restored/_reelmend") if "/segments/" in p]  # cleaned up
+    # the published videos' segments are cleaned up; the unwritable one keeps its own, for a resume to stitch
+    (locked,) = [v["video_id"] for v in videos.values() if v["path"] == "locked.mp4"]
+    kept = {p.split("/segments/")[1].split("/")[0] for p in fs.find(f"{bucket}/restored/_reelmend")
+            if "/segments/" in p}
+    assert kept == {locked}
+
+    # once the store takes writes again, a resume with a larger budget (its stitch used up the job's three
+    # attempts) stitches it from those segments, restoring nothing again
+    resumed = runner.invoke(app, ["resume", f"s3://{bucket}/restored", "--max-attempts", "4"],
+                            catch_exceptions=False)
+    assert resumed.exit_code == 3, resumed.output  # denied.mp4 is still unreadable
+    fs.get_file(f"{bucket}/restored/locked.mkv", str(tmp_path / "locked.mkv"))
+    assert np.array_equal(decode(tmp_path / "locked.mkv"), decode(local / "bikes.mp4"))
+    events = Manifest(f"s3://{bucket}/restored", job.rsplit("/", 1)[1]).read_events().to_pylist()
+    runs = Counter(e["chunk_index"] for e in events
+                   if e["video_id"] == locked and e["chunk_index"] >= 0 and e["status"] == "running")
+    assert runs and set(runs.values()) == {1}
+    assert not [p for p in fs.find(f"{bucket}/restored/_reelmend") if "/segments/" in p]  # now cleaned up
 
 
 def test_storage_options_instead_of_the_environment_are_never_stored(tmp_path, clips, s3):
