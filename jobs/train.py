@@ -71,10 +71,12 @@ def run_training(spec: TrainSpec, address: str | None = None, log: Callable[[str
     if spec.init:  # a missing or bad --init fails here, not minutes later in every worker
         spec = continue_architecture(spec, load_state(spec.init, spec.stage, "fidelity")[1])
     check_resume(spec, checkpoints, run_name)
+    sources = train_data.list_sources(spec.data)  # a wrong --data fails here, before Ray starts or OUT is written
+    write_run_spec(spec, checkpoints, run_name)
     connect(address)
 
     start = latest_step(storage.join(checkpoints, run_name)) if spec.resume else 0
-    dataset, val, provenance = train_data.build(spec, log, first_step=start)
+    dataset, val, provenance = train_data.build(spec, log, first_step=start, sources=sources)
     cpus = worker_cpus(spec)
     threads = max(1, int(cpus))
     storage_path, storage_fs = ray_storage(checkpoints)
@@ -189,7 +191,11 @@ def check_resume(spec: TrainSpec, checkpoints: str, run_name: str) -> None:
                              f"({', '.join(f'{k}={previous[k]!r}' for k in changed)})")
     elif spec.resume:
         raise ValueError(f"nothing to resume: {spec.out} holds no training run of {spec.stage}")
-    storage.write_bytes(spec_uri, json.dumps(shaping(spec), indent=1).encode())
+
+
+def write_run_spec(spec: TrainSpec, checkpoints: str, run_name: str) -> None:
+    """What shapes the run's networks, beside its checkpoints, for a later --resume to compare (`check_resume`)."""
+    storage.write_bytes(storage.join(checkpoints, f"{run_name}.json"), json.dumps(shaping(spec), indent=1).encode())
 
 
 def worker_cpus(spec: TrainSpec) -> float:

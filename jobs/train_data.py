@@ -41,7 +41,10 @@ VARIANT_SEED = 2_000_003  # and the degraded pool variants from theirs
 
 def list_sources(data: str) -> tuple[list[str], list[str]]:
     """(media URIs, licence file names) under `data`. Licence files are recorded in the model card."""
-    files = storage.list_files(data)
+    try:
+        files = storage.list_files(data)
+    except storage.SourceMissing as err:
+        raise FileNotFoundError(f"--data {data} does not exist") from err
     licences = [rel for _, rel, _ in files if posixpath.basename(rel).lower().startswith(LICENCE_PREFIXES)]
     media = [uri for uri, rel, _ in files
              if not posixpath.basename(rel).lower().startswith(LICENCE_PREFIXES + ("readme",))
@@ -268,11 +271,11 @@ def motion(clip: np.ndarray) -> float:
     return float(np.abs(clip[-1].astype(np.int16) - clip[0]).mean())
 
 
-def build(spec: TrainSpec, log, first_step: int = 0) -> tuple[ray.data.Dataset, dict[str, np.ndarray],
-                                                                dict[str, Any]]:
+def build(spec: TrainSpec, log, first_step: int = 0, sources: tuple[list[str], list[str]] | None = None
+          ) -> tuple[ray.data.Dataset, dict[str, np.ndarray], dict[str, Any]]:
     """The streaming training dataset for steps [first_step, total), the validation pairs (numpy), and the
-    data provenance for the card."""
-    media, licences = list_sources(spec.data)
+    data provenance for the card. `sources`: what `list_sources(spec.data)` gave, where the caller listed it."""
+    media, licences = sources or list_sources(spec.data)
     infos, skipped = {}, []
     for uri, info in probe_all(media, spec.storage_options):
         (infos.__setitem__(uri, info) if isinstance(info, VideoInfo) else skipped.append(f"{uri}: {info}"))

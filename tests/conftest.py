@@ -183,3 +183,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- where the suite's time goes: seconds per test file at the end of the run (CI's log keeps it) ------------
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration  # setup, call and teardown
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _file_seconds:
+        return
+    terminalreporter.section("seconds per test file")
+    for path, seconds in sorted(_file_seconds.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {path}")

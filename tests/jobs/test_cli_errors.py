@@ -103,6 +103,12 @@ def test_bad_train_commands_exit_2_before_ray_starts(tmp_path):
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), (extra, result.output)
         assert not out.exists()
+    for data, message in ((tmp_path / "nowhere", f"--data {tmp_path / 'nowhere'} does not exist"),
+                          (tmp_path, f"no videos or images under {tmp_path}")):
+        result = run("train", "denoise", "--data", str(data), "--out", str(out))
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output and "Ray" not in result.output  # Ray was never started
+        assert not out.exists()
     out.write_bytes(b"a file")
     result = run("train", "denoise", "--data", str(tmp_path), "--out", str(out))
     assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output

@@ -21,8 +21,11 @@ from ray.cluster_utils import Cluster
 
 def restore(c: Cluster, src: Path, dest: Path, *args: str, address: str | None = None,
             **env_vars: str) -> subprocess.Popen:
+    """`reelmend restore` joining the cluster at `address` (default: the head's GCS address). With "auto" Ray
+    finds it as on a cluster's own node: no RAY_ADDRESS, the address `ray start` (and Cluster) left in
+    /tmp/ray/ray_current_cluster."""
     reelmend = str(Path(sys.executable).with_name("reelmend"))
-    env = {**{k: v for k, v in os.environ.items() if k != "REELMEND_FAULTS"}, **env_vars}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("REELMEND_FAULTS", "RAY_ADDRESS")}, **env_vars}
     return subprocess.Popen([reelmend, "restore", str(src), str(dest), "--address", address or c.address, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
@@ -73,7 +76,8 @@ def test_worker_node_killed_mid_job_still_completes_frame_exact(tmp_path, clips,
         ffmpeg("-ss", f"{start / 25:.2f}", "-i", str(clips / "bikes.mp4"), "-frames:v", "120", "-vf",
                "scale=320:136", "-c:v", "libx264", str(src / name))
     dest = tmp_path / "out"
-    driver = restore(c, src, dest, "--chain", "identity", "--lossless", "--chunk-frames", "10")
+    # --address auto: the driver finds the cluster as from a shell on one of its nodes
+    driver = restore(c, src, dest, "--chain", "identity", "--lossless", "--chunk-frames", "10", address="auto")
     deadline = time.monotonic() + 300
     victim = None
     while time.monotonic() < deadline and driver.poll() is None:

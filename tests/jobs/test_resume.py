@@ -74,18 +74,21 @@ def test_driver_killed_mid_job_resumes_only_unfinished_chunks(tmp_path, clips, r
     assert np.array_equal(decode(dest / "bikes.mkv"), decode(uninterrupted / "bikes.mkv"))
 
 
-def test_a_second_run_on_the_same_dest_stops_while_the_first_proceeds(tmp_path, clips, ray_address):
+def test_of_two_resumes_on_the_same_dest_one_proceeds_and_the_other_stops(tmp_path, clips, ray_address):
     src = tmp_path / "in"
     src.mkdir()
     ffmpeg("-i", str(clips / "bikes.mp4"), "-frames:v", "80", "-vf", "scale=160:68", "-c:v", "libx264",
            str(src / "bikes.mp4"))
     dest = tmp_path / "out"
+    planned = runner.invoke(app, ["restore", str(src), str(dest), "--chain", "identity", "--lossless",
+                                  "--chunk-frames", "10", "--plan-only"])
+    assert planned.exit_code == 0, planned.output
+    (job,) = (dest / "_reelmend").glob("job-*")
     reelmend = str(Path(sys.executable).with_name("reelmend"))
-    first = subprocess.Popen([reelmend, "restore", str(src), str(dest), "--chain", "identity", "--lossless",
-                              "--chunk-frames", "10", "--address", ray_address],
+    first = subprocess.Popen([reelmend, "resume", str(dest), "--address", ray_address],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and first.poll() is None and not list(dest.glob("_reelmend/job-*/plan")):
+    deadline = time.monotonic() + 300  # it holds the lease once it records its first chunks as running
+    while time.monotonic() < deadline and first.poll() is None and not list(job.glob("events/part-*")):
         time.sleep(0.05)
     assert first.poll() is None, "the first run finished before the second could start"
 
@@ -94,7 +97,6 @@ def test_a_second_run_on_the_same_dest_stops_while_the_first_proceeds(tmp_path, 
     assert "already being run" in second.output and f"pid {first.pid}" in second.output
 
     assert first.wait(timeout=300) == 0
-    (job,) = (dest / "_reelmend").glob("job-*")
     done = Counter((e["video_id"], e["chunk_index"]) for e in pq.read_table(job / "events").to_pylist()
                    if e["status"] == "done" and e["chunk_index"] >= 0)
     assert len(done) == 8 and set(done.values()) == {1}
