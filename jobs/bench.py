@@ -299,7 +299,10 @@ def measure_restore(src: Path, dest: Path, chain: str, interval: float = 0.25) -
         if (total := sum(pss for pss, _ in kinds.values())) > peak:
             peak, breakdown = total, kinds
         timeline.append((time.monotonic() - started, total))
-        disk, segments = max(disk, temp_bytes(dest) - baseline), max(segments, segment_bytes(dest))
+        try:
+            disk, segments = max(disk, temp_bytes(dest) - baseline), max(segments, segment_bytes(dest))
+        except OSError:  # a staging folder removed while it was walked: the next sample sees the rest
+            pass
         time.sleep(interval)
     if proc.returncode != 0:
         raise RuntimeError(f"restore exited with {proc.returncode}: {' '.join(args)}")

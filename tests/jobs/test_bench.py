@@ -4,6 +4,8 @@ playable file, the model-only bound runs every frame, the temporary-disk probe s
 
 from __future__ import annotations
 
+import tempfile
+
 from conftest import decode, make_clip
 
 from jobs.bench import cut_clips, decode_all, model_bound, sequential, temp_bytes
@@ -24,7 +26,9 @@ def test_baselines_restore_every_frame(tmp_path, clips):
     assert model_bound("identity", decoded, threads=1, chunk=5) > 0
 
 
-def test_temporary_disk_counts_staging_folders(tmp_path):
+def test_temporary_disk_counts_staging_folders(tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # not what other programs keep in /tmp
     dest = tmp_path / "out"
     staging = dest / "_reelmend" / "job-1" / "segments" / ".staging-abc"
     make_clip(staging / "segment.mkv", frames=5)

@@ -15,7 +15,7 @@ from conftest import decode, stream_hashes
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.demo import command_name
+from jobs.demo import command_name, default_chain
 from models.chain import STAGES
 from models.weights import SHIPPED, read_card
 
@@ -63,6 +63,11 @@ def test_the_demo_restores_its_sample_archive_and_status_and_report_read_it(tmp_
     assert again.exit_code == 0, again.output
     assert "replacing the demo restored there before" in " ".join(again.output.split())
     assert "(identity,identity): 2 done" in cli("status", str(dest)).output
+
+
+def test_the_demo_runs_the_shipped_trained_chain_by_default():
+    """`make demo` restores with trained models, not the identity chain it falls back to without weights."""
+    assert default_chain() == "denoise,deblock,sr2x"
 
 
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path):

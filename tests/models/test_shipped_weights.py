@@ -82,3 +82,39 @@ def test_interp2x_beats_averaging_the_neighbours(clean):
     # This crop moves fast (the average of the neighbours scores 19.4 dB): the shipped interpolator gains +0.15 dB
     # here (+1.07 on the held-out clips, docs/MODELS.md), and a network whose flows went wrong would fall below the average.
     assert psnr(made, truth) > psnr(average, truth) + 0.05
+
+
+def _card_rows() -> list[dict]:
+    """The quality bench's figures as the shipped cards record them, one row per task of the bench."""
+    from jobs.bench_quality import TASKS
+
+    rows = []
+    for task in TASKS:
+        figures = {}
+        for flavour in ("fidelity", "gan"):
+            card = read_card(str(SHIPPED), task.stage, flavour)
+            (figures[flavour],) = [t for t in card["bench_quality"]["tasks"] if t["task"] == task.name]
+        fidelity, gan = figures["fidelity"], figures["gan"]
+        rows.append({"task": task.name, "metric": fidelity["metric"], "bar_db": task.bar,
+                     "best_baseline": fidelity["best_filter"], "margin_db": fidelity["margin_db"],
+                     "meets_bar": fidelity["margin_db"] >= task.bar if task.bar else fidelity["margin_db"] > 0,
+                     "fidelity": fidelity, "gan": gan, "gan_minus_fidelity_db": gan["psnr"] - fidelity["psnr"]})
+    return rows
+
+
+def test_the_shipped_cards_meet_the_quality_bars():
+    """What the cards record of `reelmend bench quality`: every fidelity flavour beats the best FFmpeg filter by
+    its bar; every `:gan` flavour is sharper than its fidelity one and within 1.5 dB of it. (New weights
+    shipped without re-measuring them keep their old figures in their cards: `--update-cards` rewrites them.)"""
+    for row in _card_rows():
+        assert row["meets_bar"], row
+        assert row["gan"]["sharpness"] > row["fidelity"]["sharpness"], row
+        assert row["gan_minus_fidelity_db"] > -1.5, row
+
+
+def test_the_readme_quality_table_is_the_cards():
+    from jobs.bench_quality import markdown_table
+
+    readme = (SHIPPED.parents[1] / "README.md").read_text(encoding="utf-8")
+    for line in markdown_table({"tasks": _card_rows()}).splitlines():
+        assert line in readme, line
